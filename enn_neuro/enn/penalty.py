@@ -1,0 +1,175 @@
+"""The orthogonality penalty, its per-layer drift for logging, and the hard retraction.
+
+L_ortho = Σ_layers ‖QᵀQ − I‖²_F + ‖PᵀP − I‖²_F keeps every ENN layer's factors near
+orthonormal; it is added to the task loss with a small weight (2e-4 by default).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from enn_neuro.enn.layers import ENNLayer
+
+__all__ = [
+    "DEFAULT_ORTHO_WEIGHT",
+    "LayerDrift",
+    "enn_layers",
+    "gram_deviation",
+    "orthogonality_drift",
+    "orthogonality_penalty",
+    "retract_",
+    "scheduled_penalty",
+]
+
+DEFAULT_ORTHO_WEIGHT = 2e-4
+
+
+class LayerDrift(NamedTuple):
+    """Distance of one layer's factors from orthonormality (Frobenius norms)."""
+
+    q: float
+    """‖QᵀQ − I‖_F"""
+    p: float
+    """‖PᵀP − I‖_F"""
+
+
+def enn_layers(model: nn.Module) -> list[tuple[str, ENNLayer]]:
+    """Every ENN layer of ``model`` with its qualified name, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ENNLayer)]
+
+
+def gram_deviation(factor: torch.Tensor) -> torch.Tensor:
+    """‖MᵀM − I‖²_F for a tall matrix ``M`` of shape ``(n, r)``; differentiable.
+
+    The backward pass is written by hand (``4 · M (MᵀM − I)``) because autograd would form
+    the gradient of the Gram matrix through both of its operands: two ``n · r²`` products
+    instead of one, and this is the penalty's whole cost.
+    """
+    return _GramDeviation.apply(factor)
+
+
+def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
+    """Σ over every ENN layer of ``‖QᵀQ − I‖²_F + ‖PᵀP − I‖²_F`` (0-dim, differentiable).
+
+    Args:
+        model: Any module; layers other than :class:`ENNLayer` contribute nothing.
+
+    Returns:
+        The penalty, on the device of the first ENN layer (a CPU zero if there is none).
+    """
+    layers = enn_layers(model)
+    if not layers:
+        return torch.zeros(())
+    terms = [gram_deviation(layer.Q) + gram_deviation(layer.P) for _, layer in layers]
+    return torch.stack(terms).sum()
+
+
+def scheduled_penalty(
+    model: nn.Module, step: int, weight: float = DEFAULT_ORTHO_WEIGHT, every: int = 1
+) -> torch.Tensor | None:
+    """The weighted penalty term for training step ``step``, computed every ``every`` steps.
+
+    With ``every = k > 1`` the penalty is evaluated on one step in k with weight ``k ·
+    weight`` (lazy regularisation, as for the R1 penalty of Karras et al., 2020): over k
+    steps the factors receive the same total push towards orthonormality, at 1/k of the
+    cost. The penalty's two ``fan_in · r²`` products per layer are most of the ENN overhead
+    when the batch is small (see ``benchmarks/enn_overhead.py``).
+
+    Args:
+        model: Any module.
+        step: Index of the training step, from 0.
+        weight: λ_ortho, the weight of the penalty in the loss.
+        every: Evaluate on steps where ``step % every == 0``.
+
+    Returns:
+        ``every · weight · L_ortho``, or ``None`` on steps that skip it (or if weight is 0).
+
+    Raises:
+        ValueError: If ``weight`` is negative or ``every`` is not a positive integer.
+    """
+    if weight < 0:
+        raise ValueError(f"penalty weight must be ≥ 0, got {weight!r}")
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"penalty interval 'every' must be a positive integer, got {every!r}")
+    if weight == 0 or step % every:
+        return None
+    return (weight * every) * orthogonality_penalty(model)
+
+
+@torch.no_grad()
+def orthogonality_drift(model: nn.Module) -> dict[str, LayerDrift]:
+    """Per layer ``‖QᵀQ − I‖_F`` and ``‖PᵀP − I‖_F``, for logging.
+
+    Args:
+        model: Any module.
+
+    Returns:
+        Layer name → :class:`LayerDrift`, in module order.
+    """
+    return {
+        name: LayerDrift(q=_gram_distance(layer.Q), p=_gram_distance(layer.P))
+        for name, layer in enn_layers(model)
+    }
+
+
+@torch.no_grad()
+def retract_(model: nn.Module) -> nn.Module:
+    """Projects every layer's Q and P back onto orthonormal matrices, in place.
+
+    Each factor is replaced by its nearest matrix with orthonormal columns (the polar factor
+    ``U Vᵀ`` of its SVD), and λ is then refitted so that ``Q diag(λ) Pᵀ`` is as close as
+    possible to the old weight in Frobenius norm: with orthonormal factors the best diagonal
+    is ``λ_i = q_iᵀ W p_i``. Columns keep their order and sign, so optimizer state (Adam's
+    moments) stays attached to the same eigen-direction. Meant as an optional hard
+    constraint after optimizer steps.
+
+    Args:
+        model: Any module.
+
+    Returns:
+        ``model``.
+    """
+    for _, layer in enn_layers(model):
+        Q, lam, P = layer.Q.double(), layer.lam.double(), layer.P.double()
+        Q_new, P_new = _polar(Q), _polar(P)
+        # diag(Q_newᵀ · Q diag(λ) Pᵀ · P_new) without forming the (out, fan_in) weight
+        left = Q_new.T @ Q  # (r, r)
+        right = P.T @ P_new  # (r, r)
+        lam_new = torch.einsum("ij,j,ji->i", left, lam, right)  # (r,)
+        layer.Q.copy_(Q_new)
+        layer.P.copy_(P_new)
+        layer.lam.copy_(lam_new)
+    return model
+
+
+class _GramDeviation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, factor: torch.Tensor) -> torch.Tensor:
+        gram = factor.T @ factor  # (r, r)
+        deviation = gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        ctx.save_for_backward(factor, deviation)
+        return deviation.square().sum()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        factor, deviation = ctx.saved_tensors
+        if factor.T.is_contiguous():
+            # P is stored transposed (Note [P layout] in layers.py): a gradient in the same
+            # layout accumulates without a strided copy; the deviation is symmetric
+            return ((4 * grad_output) * (deviation @ factor.T)).T  # (n, r), transposed layout
+        return (4 * grad_output) * (factor @ deviation)  # (n, r)
+
+
+def _gram_distance(factor: torch.Tensor) -> float:
+    gram = factor.T @ factor
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.matrix_norm(gram - eye).item()
+
+
+def _polar(matrix: torch.Tensor) -> torch.Tensor:
+    """Nearest matrix with orthonormal columns (Frobenius norm): ``U Vᵀ`` from the SVD."""
+    U, _, Vh = torch.linalg.svd(matrix, full_matrices=False)
+    return U @ Vh

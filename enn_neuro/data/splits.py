@@ -1,0 +1,233 @@
+"""Subject-level cross-validation splits, with a leakage check.
+
+Every image of a subject stays in one role of a fold. Outer folds come from scikit-learn's
+:class:`~sklearn.model_selection.StratifiedGroupKFold` (groups = subjects), stratified by the
+label (by quantile bins of the target for regression) and optionally by site or sex. Each
+outer fold's training part is split again into ``train`` and ``val``: the validation part
+serves early stopping and model selection, the ``test`` fold is never used for either.
+
+A split table has one row per subject and fold: ``subject_id``, ``fold``, ``role``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
+from enn_neuro.data.cohort import Cohort, Task
+
+__all__ = [
+    "LeakageError",
+    "Role",
+    "check_leakage",
+    "make_splits",
+    "read_split_table",
+    "write_split_table",
+]
+
+logger = logging.getLogger(__name__)
+
+SPLIT_COLUMNS = ["subject_id", "fold", "role"]
+STRATIFY_OPTIONS = ("site", "sex")
+
+
+class Role(str, enum.Enum):
+    """The part a subject plays in one fold."""
+
+    TRAIN = "train"
+    VAL = "val"
+    TEST = "test"
+
+
+class LeakageError(ValueError):
+    """A subject or an image content appears in two roles of one fold."""
+
+
+def make_splits(
+    cohort: Cohort,
+    n_folds: int = 5,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    stratify_by: Sequence[str] = (),
+    n_bins: int = 4,
+) -> pd.DataFrame:
+    """Subject-level stratified k-fold with an inner train/validation split.
+
+    Args:
+        cohort: A validated cohort.
+        n_folds: Outer folds; each subject is ``test`` in exactly one.
+        val_fraction: Share of each fold's training subjects held out for validation.
+        seed: Makes the splits reproducible.
+        stratify_by: Extra subject columns to stratify on: ``"site"``, ``"sex"``.
+        n_bins: Quantile bins of the target for regression.
+
+    Returns:
+        The split table, sorted by fold and subject.
+
+    Raises:
+        ValueError: For a bad argument or too few subjects.
+    """
+    if not isinstance(n_folds, int) or n_folds < 2:
+        raise ValueError(f"n_folds must be an integer ≥ 2, got {n_folds!r}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction!r}")
+    unknown = [c for c in stratify_by if c not in STRATIFY_OPTIONS]
+    if unknown:
+        raise ValueError(f"stratify_by must name columns among {STRATIFY_OPTIONS}, got {unknown}")
+    subjects = cohort.subject_table().reset_index(drop=True)
+    if len(subjects) < n_folds:
+        raise ValueError(f"{len(subjects)} subjects cannot fill {n_folds} folds")
+    strata = _strata(subjects, cohort.task, stratify_by, n_bins)
+
+    # outer folds: groups are the subjects themselves (one row per subject)
+    outer = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    rows = []
+    with warnings.catch_warnings():
+        # small strata: scikit-learn warns and still balances what it can
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        folds = list(outer.split(subjects, strata, groups=subjects["subject_id"]))
+    for fold, (train_index, test_index) in enumerate(folds):
+        train_part, val_part = _inner_split(train_index, strata, val_fraction, seed + fold)
+        for index, role in (
+            *((i, Role.TRAIN) for i in train_part),
+            *((i, Role.VAL) for i in val_part),
+            *((i, Role.TEST) for i in test_index),
+        ):
+            rows.append((subjects.at[index, "subject_id"], fold, role.value))
+    table = pd.DataFrame(rows, columns=SPLIT_COLUMNS).sort_values(["fold", "subject_id"])
+    table = table.reset_index(drop=True)
+    check_leakage(table, cohort)
+    logger.info("made %d folds over %d subjects (seed %d)", n_folds, len(subjects), seed)
+    return table
+
+
+def check_leakage(
+    split_table: pd.DataFrame,
+    cohort: Cohort,
+    content_hashes: Mapping[Path, str] | None = None,
+) -> None:
+    """Raises if any subject, or any image content, appears in two roles of one fold.
+
+    Args:
+        split_table: ``subject_id``, ``fold``, ``role``.
+        cohort: The cohort the table splits.
+        content_hashes: Image path → content hash (from the validation report); when given,
+            the same image stored under two subjects in different roles is caught too.
+
+    Raises:
+        LeakageError: Naming the fold, the subjects and the roles.
+    """
+    for fold, part in split_table.groupby("fold"):
+        roles_of = part.groupby("subject_id")["role"].unique()
+        doubled = {s: sorted(r) for s, r in roles_of.items() if len(r) > 1}
+        if doubled:
+            raise LeakageError(f"fold {fold}: subjects in more than one role: {doubled}")
+        if content_hashes is None:
+            continue
+        role_of = dict(zip(part["subject_id"], part["role"], strict=True))
+        seen: dict[str, tuple[str, str]] = {}
+        for record in cohort.records:
+            content = content_hashes.get(record.image)
+            role = role_of.get(record.subject_id)
+            if content is None or role is None:
+                continue
+            other = seen.setdefault(content, (record.subject_id, role))
+            if other[1] != role:
+                raise LeakageError(
+                    f"fold {fold}: the same image content is {other[1]} ({other[0]}) and "
+                    f"{role} ({record.subject_id}, {record.image})"
+                )
+
+
+def write_split_table(split_table: pd.DataFrame, path: str | Path) -> Path:
+    """Writes the table as TSV (or CSV for a ``.csv`` path), atomically."""
+    path = Path(path)
+    separator = "," if path.suffix.lower() == ".csv" else "\t"
+    temporary = path.with_name(path.name + ".tmp")
+    split_table[SPLIT_COLUMNS].to_csv(temporary, sep=separator, index=False)
+    temporary.replace(path)
+    return path
+
+
+def read_split_table(path: str | Path, cohort: Cohort) -> pd.DataFrame:
+    """Reads a user-supplied split table and checks it against ``cohort``.
+
+    Every fold needs subjects in all three roles; subjects must belong to the cohort and
+    play one role per fold. Cohort subjects absent from a fold are left out of it (logged).
+
+    Raises:
+        FileNotFoundError: If the file is missing.
+        ValueError: Naming the column, value or subject that is wrong.
+        LeakageError: If a subject plays two roles in one fold.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split table not found: {path}")
+    separator = "," if path.suffix.lower() == ".csv" else "\t"
+    table = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False)
+    missing = [c for c in SPLIT_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"split table {path}: missing column(s) {missing}")
+    table = table[SPLIT_COLUMNS].copy()
+    table["subject_id"] = table["subject_id"].str.strip()
+    bad_folds = sorted({f for f in table["fold"] if not f.strip().isdigit()})
+    if bad_folds:
+        raise ValueError(f"split table {path}: 'fold' must be integers ≥ 0, got {bad_folds}")
+    table["fold"] = table["fold"].astype(int)
+    roles = {r.value for r in Role}
+    bad_roles = sorted(set(table["role"]) - roles)
+    if bad_roles:
+        raise ValueError(
+            f"split table {path}: 'role' must be one of {sorted(roles)}, got {bad_roles}"
+        )
+    unknown = sorted(set(table["subject_id"]) - set(cohort.subjects))
+    if unknown:
+        raise ValueError(f"split table {path}: subjects not in the cohort: {unknown[:10]}")
+    for fold, part in table.groupby("fold"):
+        absent = sorted(roles - set(part["role"]))
+        if absent:
+            raise ValueError(f"split table {path}: fold {fold} has no {absent} subjects")
+        left_out = len(set(cohort.subjects) - set(part["subject_id"]))
+        if left_out:
+            logger.info("split table %s: fold %d leaves out %d subject(s)", path, fold, left_out)
+    check_leakage(table, cohort)
+    return table.sort_values(["fold", "subject_id"]).reset_index(drop=True)
+
+
+def _strata(
+    subjects: pd.DataFrame, task: Task, stratify_by: Sequence[str], n_bins: int
+) -> np.ndarray:
+    """One stratum label per subject: the label (or target bin), joined with covariates."""
+    if task is Task.REGRESSION:
+        values = pd.to_numeric(subjects["target"])
+        bins = pd.qcut(values, q=min(n_bins, len(values)), labels=False, duplicates="drop")
+        key = bins.astype(str)
+    else:
+        key = subjects["target"].astype(str)
+    for column in stratify_by:
+        key = key + "|" + subjects[column].fillna("unknown").astype(str)
+    return key.to_numpy()
+
+
+def _inner_split(
+    train_index: np.ndarray, strata: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Splits a fold's training subjects into train and validation, stratified if possible."""
+    labels = strata[train_index]
+    counts = pd.Series(labels).value_counts()
+    n_val = max(1, round(val_fraction * len(train_index)))
+    # stratification needs every stratum twice and room for one subject of each in val
+    stratify = labels if counts.min() >= 2 and n_val >= len(counts) else None
+    if stratify is None:
+        logger.warning("validation split not stratified: strata too small (%s)", dict(counts))
+    train_part, val_part = train_test_split(
+        train_index, test_size=n_val, random_state=seed, stratify=stratify
+    )
+    return np.sort(train_part), np.sort(val_part)

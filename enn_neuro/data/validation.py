@@ -1,0 +1,334 @@
+"""Pre-flight validation of a cohort: every problem, found before any training, reported at once.
+
+Every header and every volume is read once (read-only; nothing is ever written to the input
+files). The checks, each reported with the subject and file named:
+
+- the file: missing, unreadable, truncated or corrupt gzip, not NIfTI;
+- the volume: not 3D (4D only with a single volume), non-finite or all-constant voxels,
+  non-positive or absurd voxel sizes, a singular affine;
+- the table: missing or unknown labels, non-numeric regression targets, duplicate subject
+  ids (the same subject and session twice), a subject with two different targets, the same
+  image content under two subject ids, too few subjects of a class for the requested folds.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import math
+import os
+import zlib
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from enn_neuro.data.cohort import Cohort, CohortError, ImageRecord, Problem, Task
+
+__all__ = ["ImageSummary", "ValidationReport", "validate_cohort"]
+
+logger = logging.getLogger(__name__)
+
+MIN_VOXEL_MM = 0.05
+MAX_VOXEL_MM = 20.0
+
+
+@dataclass(frozen=True)
+class ImageSummary:
+    """What the pre-flight check learned about one readable image.
+
+    Attributes:
+        path: The file.
+        shape: Spatial shape (3 values).
+        voxel_mm: Voxel size in mm (3 values).
+        orientation: Axis codes of the affine, e.g. ``("R", "A", "S")``.
+        dtype: Data type on disk.
+        content_hash: SHA-256 of the decoded voxel values and shape, for duplicate detection.
+    """
+
+    path: Path
+    shape: tuple[int, ...]
+    voxel_mm: tuple[float, ...]
+    orientation: tuple[str, ...]
+    dtype: str
+    content_hash: str
+
+
+@dataclass
+class ValidationReport:
+    """The outcome of :func:`validate_cohort`.
+
+    Attributes:
+        cohort: The cohort checked.
+        problems: Every problem found; empty when the cohort is usable.
+        images: Summaries of the images that could be read, by path.
+    """
+
+    cohort: Cohort
+    problems: list[Problem] = field(default_factory=list)
+    images: dict[Path, ImageSummary] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Whether no problem was found."""
+        return not self.problems
+
+    def content_hashes(self) -> dict[Path, str]:
+        """Image path → content hash, for the leakage check of the splits."""
+        return {path: summary.content_hash for path, summary in self.images.items()}
+
+    def raise_if_problems(self) -> None:
+        """Raises :class:`CohortError` listing every problem, if there is any."""
+        if self.problems:
+            raise CohortError(self.cohort.source, self.problems)
+
+    def summary(self) -> str:
+        """A few lines for a person: counts, classes, shapes, spacings, orientations."""
+        cohort = self.cohort
+        lines = [
+            f"cohort {cohort.source}: {len(cohort.records)} images, "
+            f"{len(cohort.subjects)} subjects, task {cohort.task.value} on {cohort.target!r}"
+        ]
+        if cohort.task is Task.CLASSIFICATION:
+            counts = Counter(cohort.subject_table()["target"])
+            lines.append("subjects per class: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        if self.images:
+            orientations = Counter("".join(s.orientation) for s in self.images.values())
+            spacings = Counter(tuple(round(v, 2) for v in s.voxel_mm) for s in self.images.values())
+            lines.append(f"orientations: {dict(orientations)}")
+            lines.append(f"voxel sizes (mm): {dict(spacings)}")
+        lines.append(f"problems: {len(self.problems)}")
+        lines.extend(f"  - {p}" for p in self.problems)
+        return "\n".join(lines)
+
+
+def validate_cohort(
+    cohort: Cohort,
+    n_folds: int | None = 5,
+    workers: int | None = None,
+) -> ValidationReport:
+    """Checks every image and row of ``cohort`` and returns all problems found.
+
+    Args:
+        cohort: The cohort, as read by :func:`~enn_neuro.data.cohort.load_cohort`.
+        n_folds: Folds of the planned cross-validation; each class needs at least this many
+            subjects. ``None`` skips the check.
+        workers: Threads reading images (decompression releases the GIL); a small default.
+
+    Returns:
+        The report; call ``raise_if_problems()`` to stop on any problem.
+    """
+    report = ValidationReport(cohort, problems=list(cohort.read_problems))
+
+    # every image, read once
+    workers = workers or min(4, os.cpu_count() or 1)
+    paths = list(dict.fromkeys(r.image for r in cohort.records))
+    subject_of = {r.image: r.subject_id for r in cohort.records}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(_check_image, paths))
+    for path, (summary, problems) in zip(paths, results, strict=True):
+        if summary is not None:
+            report.images[path] = summary
+        report.problems.extend(
+            Problem(p.message, subject_of[path], path, p.field) for p in problems
+        )
+
+    # the rows: targets, duplicates, consistency
+    report.problems.extend(_check_targets(cohort))
+    report.problems.extend(_check_duplicates(cohort, report.images))
+    if n_folds is not None:
+        report.problems.extend(_check_fold_counts(cohort, n_folds))
+
+    logger.info("validated %s: %d problem(s)", cohort.source, len(report.problems))
+    return report
+
+
+def _check_image(path: Path) -> tuple[ImageSummary | None, list[Problem]]:
+    """Reads one image; returns its summary (if readable) and its problems."""
+    if not path.exists():
+        return None, [Problem("file not found", path=path, field="image")]
+    if not path.is_file():
+        return None, [Problem("not a file", path=path, field="image")]
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return None, [Problem("not a NIfTI file name (.nii or .nii.gz)", path=path, field="image")]
+
+    # the header
+    try:
+        image = nib.load(path)
+    except (gzip.BadGzipFile, zlib.error, EOFError) as err:
+        return None, [Problem(f"corrupt gzip: {err}", path=path, field="image")]
+    except Exception as err:  # nibabel raises many types for foreign or broken content
+        return None, [Problem(f"not a readable NIfTI file: {err}", path=path, field="image")]
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        kind = type(image).__name__
+        return None, [Problem(f"not NIfTI content (read as {kind})", path=path, field="image")]
+
+    problems = []
+    shape = image.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    elif len(shape) != 3:
+        volumes = f" with {shape[3]} volumes" if len(shape) == 4 else ""
+        message = f"must be a 3D volume (or 4D with one volume), got shape {shape}{volumes}"
+        return None, [Problem(message, path=path, field="image")]
+
+    # voxel sizes as written (nibabel repairs zero or negative pixdim on load, with a log
+    # line only) and as implied by the affine, which is what resampling uses
+    header_mm = _raw_voxel_sizes(path, type(image.header))
+    affine_mm = tuple(round(float(v), 6) for v in nib.affines.voxel_sizes(image.affine)[:3])
+    for source, sizes in (("header", header_mm), ("affine", affine_mm)):
+        if not all(MIN_VOXEL_MM <= v <= MAX_VOXEL_MM for v in sizes):
+            problems.append(
+                Problem(
+                    f"voxel size {sizes} mm outside [{MIN_VOXEL_MM}, {MAX_VOXEL_MM}] mm "
+                    f"(from the {source})",
+                    path=path,
+                    field="voxel_size",
+                )
+            )
+            break
+    voxel_mm = header_mm
+    linear = image.affine[:3, :3]
+    if not np.isfinite(linear).all() or abs(np.linalg.det(linear)) < 1e-6:
+        problems.append(Problem("singular or non-finite affine", path=path, field="affine"))
+        orientation = ("?", "?", "?")
+    else:
+        orientation = nib.aff2axcodes(image.affine)
+
+    # the voxels
+    try:
+        data = np.asanyarray(image.dataobj).reshape(shape)
+    except (gzip.BadGzipFile, zlib.error, EOFError) as err:
+        return None, [
+            *problems,
+            Problem(f"truncated or corrupt gzip: {err}", path=path, field="image"),
+        ]
+    except Exception as err:  # a short .nii raises from numpy or nibabel
+        return None, [
+            *problems,
+            Problem(f"cannot read the voxels: {err}", path=path, field="image"),
+        ]
+    finite = np.isfinite(data)
+    if not finite.all():
+        count = int(data.size - finite.sum())
+        problems.append(
+            Problem(f"{count} non-finite voxel(s) (NaN or inf)", path=path, field="voxels")
+        )
+    elif data.size == 0 or data.min() == data.max():
+        value = data.flat[0] if data.size else "empty"
+        problems.append(Problem(f"all voxels are constant ({value})", path=path, field="voxels"))
+
+    digest = hashlib.sha256(str(data.shape).encode())
+    digest.update(np.ascontiguousarray(data).tobytes())
+    summary = ImageSummary(
+        path=path,
+        shape=tuple(int(s) for s in shape),
+        voxel_mm=voxel_mm,
+        orientation=tuple(orientation),
+        dtype=str(image.get_data_dtype()),
+        content_hash=digest.hexdigest(),
+    )
+    return summary, problems
+
+
+def _raw_voxel_sizes(path: Path, header_class: type) -> tuple[float, ...]:
+    """pixdim[1:4] exactly as stored, without nibabel's repairs."""
+    with nib.openers.ImageOpener(path) as stream:
+        header = header_class.from_fileobj(stream, check=False)
+    return tuple(round(float(v), 6) for v in header["pixdim"][1:4])
+
+
+def _check_targets(cohort: Cohort) -> list[Problem]:
+    problems = []
+    targets_of = defaultdict(set)
+    for record in cohort.records:
+        targets_of[record.subject_id].add(record.target)
+        problem = _target_problem(cohort, record)
+        if problem:
+            problems.append(Problem(problem, record.subject_id, record.image, cohort.target))
+    for subject_id, targets in targets_of.items():
+        if len(targets) > 1:
+            shown = sorted(map(repr, targets))
+            problems.append(
+                Problem(
+                    f"different targets for one subject: {shown}", subject_id, None, cohort.target
+                )
+            )
+    return problems
+
+
+def _target_problem(cohort: Cohort, record: ImageRecord) -> str | None:
+    value = record.target
+    if value is None:
+        return f"missing {cohort.target!r} ({record.source})"
+    if cohort.task is Task.REGRESSION:
+        if isinstance(value, str):
+            return f"{cohort.target!r} must be a number, got {value!r} ({record.source})"
+        if not math.isfinite(value):
+            return f"{cohort.target!r} must be finite, got {value!r} ({record.source})"
+        return None
+    if value not in cohort.classes:
+        return f"unknown label {value!r}; expected one of {cohort.classes} ({record.source})"
+    return None
+
+
+def _check_duplicates(cohort: Cohort, images: dict[Path, ImageSummary]) -> list[Problem]:
+    problems = []
+
+    # the same subject and session in two rows
+    rows = defaultdict(list)
+    for record in cohort.records:
+        rows[(record.subject_id, record.session_id)].append(record)
+    for (subject_id, session_id), records in rows.items():
+        if len(records) > 1:
+            session = f" session {session_id!r}" if session_id else ""
+            sources = ", ".join(r.source for r in records)
+            problems.append(
+                Problem(
+                    f"duplicate subject id{session}: {len(records)} rows ({sources})",
+                    subject_id,
+                    None,
+                    "subject_id",
+                )
+            )
+
+    # the same image content under two subject ids
+    subjects_of_content = defaultdict(dict)
+    for record in cohort.records:
+        summary = images.get(record.image)
+        if summary is not None:
+            subjects_of_content[summary.content_hash].setdefault(record.subject_id, record.image)
+    for owners in subjects_of_content.values():
+        if len(owners) > 1:
+            listed = ", ".join(f"{s} ({p})" for s, p in owners.items())
+            problems.append(
+                Problem(
+                    f"the same image content under {len(owners)} subject ids: {listed}",
+                    field="image",
+                )
+            )
+    return problems
+
+
+def _check_fold_counts(cohort: Cohort, n_folds: int) -> list[Problem]:
+    subjects = cohort.subject_table()
+    if cohort.task is Task.REGRESSION:
+        if len(subjects) < n_folds:
+            message = f"{len(subjects)} subjects are fewer than the {n_folds} folds requested"
+            return [Problem(message, field=cohort.target)]
+        return []
+    counts = Counter(t for t in subjects["target"] if t in cohort.classes)
+    return [
+        Problem(
+            f"class {label!r} has {counts.get(label, 0)} subject(s), fewer than the "
+            f"{n_folds} folds requested",
+            field=cohort.target,
+        )
+        for label in cohort.classes
+        if counts.get(label, 0) < n_folds
+    ]

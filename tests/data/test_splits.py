@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from enn_neuro.data.cohort import Cohort, ImageRecord, Task
+from enn_neuro.data.splits import (
+    LeakageError,
+    check_leakage,
+    make_splits,
+    read_split_table,
+    write_split_table,
+)
+
+
+def _cohort(n_subjects=40, task=Task.CLASSIFICATION, images_per_subject=2) -> Cohort:
+    records = []
+    for index in range(n_subjects):
+        target = (
+            float(50 + index)
+            if task is Task.REGRESSION
+            else ("patient" if index % 3 == 0 else "control")
+        )
+        for session in range(images_per_subject):
+            records.append(
+                ImageRecord(
+                    subject_id=f"sub-{index:03d}",
+                    image=f"/data/sub-{index:03d}_ses-{session}.nii.gz",
+                    target=target,
+                    session_id=f"ses-{session}",
+                    site=["A", "B"][index % 2],
+                    sex=["F", "M"][(index // 2) % 2],
+                )
+            )
+    classes = [] if task is Task.REGRESSION else ["control", "patient"]
+    return Cohort(records, task, "target", "/data/cohort.csv", classes=classes)
+
+
+class TestMakeSplits:
+    def test_each_subject_is_tested_once_and_plays_one_role_per_fold(self):
+        cohort = _cohort()
+        table = make_splits(cohort, n_folds=5, seed=0)
+        assert set(table["role"]) == {"train", "val", "test"}
+        assert table.groupby(["fold", "subject_id"]).size().max() == 1
+        tested = table[table["role"] == "test"]["subject_id"]
+        assert sorted(tested) == sorted(cohort.subjects)
+        assert all(len(part) == 40 for _, part in table.groupby("fold"))
+
+    def test_is_reproducible_for_a_seed_and_changes_with_it(self):
+        cohort = _cohort()
+        first, again = make_splits(cohort, seed=3), make_splits(cohort, seed=3)
+        pd.testing.assert_frame_equal(first, again)
+        assert not first.equals(make_splits(cohort, seed=4))
+
+    def test_test_folds_are_stratified_by_label(self):
+        cohort = _cohort(n_subjects=40)  # 14 patients, 26 controls
+        table = make_splits(cohort, n_folds=5, seed=1)
+        labels = cohort.subject_table().set_index("subject_id")["target"]
+        for _, part in table[table["role"] == "test"].groupby("fold"):
+            patients = (labels[part["subject_id"]] == "patient").sum()
+            assert patients in (2, 3), patients
+
+    def test_validation_share_and_stratification_by_site(self):
+        cohort = _cohort(n_subjects=40)
+        table = make_splits(cohort, n_folds=4, val_fraction=0.25, stratify_by=["site"], seed=0)
+        sites = cohort.subject_table().set_index("subject_id")["site"]
+        for _, part in table.groupby("fold"):
+            val = part[part["role"] == "val"]["subject_id"]
+            assert len(val) == round(0.25 * 30)
+            assert abs((sites[val] == "A").sum() - (sites[val] == "B").sum()) <= 1
+
+    def test_regression_is_stratified_by_target_bins(self):
+        cohort = _cohort(n_subjects=40, task=Task.REGRESSION)
+        table = make_splits(cohort, n_folds=4, seed=0)
+        targets = cohort.subject_table().set_index("subject_id")["target"]
+        # quartile bins: each test fold holds about a quarter of each bin, so means stay close
+        means = [
+            targets[p["subject_id"]].mean()
+            for _, p in table[table["role"] == "test"].groupby("fold")
+        ]
+        assert max(means) - min(means) < 5
+
+    @pytest.mark.parametrize(
+        ("kwargs", "message"),
+        [
+            ({"n_folds": 1}, r"n_folds must be an integer ≥ 2, got 1"),
+            ({"val_fraction": 1.5}, r"val_fraction must lie in \(0, 1\), got 1.5"),
+            ({"stratify_by": ["scanner"]}, r"stratify_by must name columns among .*\['scanner'\]"),
+            ({"n_folds": 50}, r"40 subjects cannot fill 50 folds"),
+        ],
+    )
+    def test_bad_arguments(self, kwargs, message):
+        with pytest.raises(ValueError, match=message):
+            make_splits(_cohort(), **kwargs)
+
+
+class TestLeakage:
+    def test_subject_in_two_roles_is_caught(self):
+        table = pd.DataFrame(
+            {"subject_id": ["a", "a", "b"], "fold": [0, 0, 0], "role": ["train", "test", "val"]}
+        )
+        with pytest.raises(
+            LeakageError,
+            match=r"fold 0: subjects in more than one role: \{'a': \['test', 'train'\]\}",
+        ):
+            check_leakage(table, _cohort(2))
+
+    def test_same_content_in_two_roles_is_caught(self):
+        cohort = _cohort(4, images_per_subject=1)
+        table = make_splits(cohort, n_folds=2, val_fraction=0.5, seed=0)
+        hashes = {r.image: f"hash-{i}" for i, r in enumerate(cohort.records)}
+        fold0 = table[table["fold"] == 0].set_index("subject_id")["role"]
+        test_subject = fold0[fold0 == "test"].index[0]
+        train_subject = fold0[fold0 == "train"].index[0]
+        image_of = {r.subject_id: r.image for r in cohort.records}
+        hashes[image_of[test_subject]] = hashes[image_of[train_subject]]
+        with pytest.raises(
+            LeakageError,
+            match=f"fold 0: the same image content is .*{test_subject}|{train_subject}",
+        ):
+            check_leakage(table, cohort, hashes)
+
+
+class TestSplitTableFiles:
+    def test_round_trip(self, tmp_path):
+        cohort = _cohort()
+        table = make_splits(cohort, seed=0)
+        path = write_split_table(table, tmp_path / "splits.tsv")
+        pd.testing.assert_frame_equal(read_split_table(path, cohort), table)
+
+    @pytest.mark.parametrize(
+        ("rows", "message"),
+        [
+            (
+                "subject_id,fold,role\nsub-000,0,holdout\n",
+                r"'role' must be one of \['test', 'train', 'val'\], got \['holdout'\]",
+            ),
+            ("subject_id,fold,role\nsub-000,x,test\n", r"'fold' must be integers ≥ 0, got \['x'\]"),
+            ("subject_id,fold,role\nghost,0,test\n", r"subjects not in the cohort: \['ghost'\]"),
+            ("subject_id,fold\nsub-000,0\n", r"missing column\(s\) \['role'\]"),
+            (
+                "subject_id,fold,role\nsub-000,0,test\nsub-001,0,train\n",
+                r"fold 0 has no \['val'\] subjects",
+            ),
+        ],
+    )
+    def test_bad_user_table_is_named(self, tmp_path, rows, message):
+        path = tmp_path / "splits.csv"
+        path.write_text(rows)
+        with pytest.raises(ValueError, match=message):
+            read_split_table(path, _cohort())

@@ -264,7 +264,7 @@ def read_table(
                 session_id=_optional(row, "session_id"),
                 site=_optional(row, "site"),
                 sex=_optional(row, "sex"),
-                age=_age(row, line, subject_id, problems),
+                age=_age(row, line, subject_id, problems, target),
                 source=line,
             )
         )
@@ -346,7 +346,7 @@ def read_bids(
                 session_id=session,
                 site=_optional(row, "site"),
                 sex=_optional(row, "sex"),
-                age=_age(row, f"participants.tsv:{index + 2}", subject_id, problems),
+                age=_age(row, f"participants.tsv:{index + 2}", subject_id, problems, target),
                 source=f"participants.tsv:{index + 2}",
             )
         )
@@ -418,11 +418,18 @@ def _optional(row: pd.Series, column: str) -> str | None:
     return row[column].strip()
 
 
-def _age(row: pd.Series, line: str, subject_id: str, problems: list[Problem]) -> float | None:
-    """The optional ``age`` covariate; a value that is not a number is reported."""
+def _age(
+    row: pd.Series, line: str, subject_id: str, problems: list[Problem], target: str
+) -> float | None:
+    """The optional ``age`` covariate; a value that is not a number is reported.
+
+    When age is also the target, the target check reports a bad value: not reported twice.
+    """
     text = _optional(row, "age")
     if text is None:
         return None
+    if target == "age":
+        problems = []
     try:
         return float(text)
     except ValueError:

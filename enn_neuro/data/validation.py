@@ -170,8 +170,8 @@ def _check_image(path: Path) -> tuple[ImageSummary | None, list[Problem]]:
 
     problems = []
     shape = image.shape
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
+    if len(shape) > 3 and all(size == 1 for size in shape[3:]):
+        shape = shape[:3]  # (X, Y, Z, 1) or (X, Y, Z, 1, 1): one volume, as the loader reads it
     elif len(shape) != 3:
         volumes = f" with {shape[3]} volumes" if len(shape) == 4 else ""
         message = f"must be a 3D volume (or 4D with one volume), got shape {shape}{volumes}"

@@ -135,8 +135,9 @@ def test_validation_never_modifies_input_files(broken_report):
     assert after == before
 
 
-def test_four_d_with_one_volume_is_accepted(tmp_path):
-    write_volume(tmp_path / "one.nii.gz", data=np.random.rand(8, 8, 8, 1).astype(np.float32))
+@pytest.mark.parametrize("shape", [(8, 8, 8, 1), (8, 8, 8, 1, 1)])
+def test_single_volume_with_trailing_dimensions_is_accepted(tmp_path, shape):
+    write_volume(tmp_path / "one.nii.gz", data=np.random.rand(*shape).astype(np.float32))
     table = write_table(tmp_path / "c.csv", [{"subject_id": "s", "image": "one.nii.gz", "dx": "a"}])
     report = validate_cohort(load_cohort(table, target="dx"), n_folds=None)
     assert report.ok, report.summary()

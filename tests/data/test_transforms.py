@@ -1,0 +1,399 @@
+"""Preprocessing (grid, orientation, intensity, file variety) and TorchIO augmentation."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from enn_neuro.data.transforms import (
+    AugmentationConfig,
+    PreprocessingConfig,
+    augmentation_transforms,
+    preprocessing_transforms,
+)
+
+SIDE = 24  # voxels per side of the written volumes
+CONFIG = PreprocessingConfig(spacing_mm=(3.0, 3.0, 3.0), shape=(16, 16, 16))
+
+
+def phantom(seed: int = 0, side: int = SIDE) -> np.ndarray:
+    """An off-centre ellipsoidal "head" of noisy intensity ~100 on a zero background."""
+    x, y, z = np.mgrid[:side, :side, :side].astype(np.float64)
+    inside = ((x - 10) / 8) ** 2 + ((y - 12) / 9) ** 2 + ((z - 12) / 7) ** 2 < 1
+    noise = np.random.default_rng(seed).normal(0.0, 10.0, (side,) * 3)
+    return np.where(inside, 100.0 + noise, 0.0)
+
+
+def ras_affine(spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)) -> np.ndarray:
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -20.0
+    return affine
+
+
+def write(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.float32) -> Path:
+    nib.save(nib.Nifti1Image(np.asarray(data).astype(dtype), affine), path)
+    return path
+
+
+def as_lps(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same image stored with the first two voxel axes reversed (LPS voxel order)."""
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = np.array(data.shape[:2]) - 1
+    return data[::-1, ::-1].copy(), affine @ flip
+
+
+def oblique_affine(degrees: float = 20.0) -> np.ndarray:
+    angle = np.deg2rad(degrees)
+    rotation = np.array(
+        [
+            [np.cos(angle), -np.sin(angle), 0.0],
+            [np.sin(angle), np.cos(angle), 0.0],
+            [0.0, 0.0, 1.0],
+        ]
+    )
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([2.0, 2.0, 2.0])
+    affine[:3, 3] = -20.0
+    return affine
+
+
+def preprocess(path: Path, config: PreprocessingConfig = CONFIG) -> dict:
+    sample = {"image": str(path), "label": 1, "subject_id": "sub-001", "site": "A"}
+    return preprocessing_transforms(config)(sample)
+
+
+def foreground_voxels(image: torch.Tensor) -> torch.Tensor:
+    return image[image != 0]
+
+
+# --- file variety: shape, spacing, orientation
+
+
+def _ras(tmp_path: Path) -> Path:
+    return write(tmp_path / "ras.nii.gz", phantom(), ras_affine())
+
+
+def _lps(tmp_path: Path) -> Path:
+    return write(tmp_path / "lps.nii.gz", *as_lps(phantom(), ras_affine()))
+
+
+def _anisotropic(tmp_path: Path) -> Path:
+    return write(tmp_path / "aniso.nii.gz", phantom(), ras_affine((1.0, 1.5, 4.0)))
+
+
+def _oblique(tmp_path: Path) -> Path:
+    return write(tmp_path / "oblique.nii.gz", phantom(), oblique_affine())
+
+
+def _int16(tmp_path: Path) -> Path:
+    return write(tmp_path / "int16.nii.gz", phantom() * 10, ras_affine(), np.int16)
+
+
+def _uint8(tmp_path: Path) -> Path:
+    return write(tmp_path / "uint8.nii.gz", phantom(), ras_affine(), np.uint8)
+
+
+def _float64(tmp_path: Path) -> Path:
+    return write(tmp_path / "float64.nii.gz", phantom(), ras_affine(), np.float64)
+
+
+def _uncompressed(tmp_path: Path) -> Path:
+    return write(tmp_path / "plain.nii", phantom(), ras_affine())
+
+
+def _single_volume_4d(tmp_path: Path) -> Path:
+    return write(tmp_path / "four_d.nii.gz", phantom()[..., None], ras_affine())
+
+
+VARIANTS = {
+    "ras": _ras,
+    "lps": _lps,
+    "anisotropic": _anisotropic,
+    "oblique": _oblique,
+    "int16": _int16,
+    "uint8": _uint8,
+    "float64": _float64,
+    "nii": _uncompressed,
+    "4d_single_volume": _single_volume_4d,
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_preprocessing_output_grid(tmp_path, variant):
+    path = VARIANTS[variant](tmp_path)
+    out = preprocess(path)
+    image = out["image"]
+
+    assert tuple(image.shape) == (1, 16, 16, 16)
+    assert image.dtype == torch.float32
+    affine = image.affine.numpy()
+    assert nib.aff2axcodes(affine) == ("R", "A", "S")
+    np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0), [3.0, 3.0, 3.0], atol=1e-5)
+    # axis-aligned grid even for the oblique input (Spacingd diagonal=True)
+    np.testing.assert_allclose(affine[:3, :3], np.diag([3.0, 3.0, 3.0]), atol=1e-5)
+    assert torch.isfinite(image).all()
+    assert {k: out[k] for k in ("label", "subject_id", "site")} == {
+        "label": 1,
+        "subject_id": "sub-001",
+        "site": "A",
+    }
+    assert set(out) == {"image", "label", "subject_id", "site"}
+
+
+def test_orientation_other_than_ras(tmp_path):
+    config = dataclasses.replace(CONFIG, orientation="lps")
+    image = preprocess(_ras(tmp_path), config)["image"]
+    assert config.orientation == "LPS"
+    assert nib.aff2axcodes(image.affine.numpy()) == ("L", "P", "S")
+
+
+def test_ras_and_lps_storage_give_same_tensor(tmp_path):
+    ras = preprocess(_ras(tmp_path))["image"]
+    lps = preprocess(_lps(tmp_path))["image"]
+    torch.testing.assert_close(ras.as_tensor(), lps.as_tensor(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ras.affine.numpy(), lps.affine.numpy(), atol=1e-5)
+
+
+def test_integer_and_float_storage_agree(tmp_path):
+    # the same integer-valued data stored as float32 and as int16
+    as_float = preprocess(write(tmp_path / "f.nii.gz", np.round(phantom()), ras_affine()))
+    as_int = preprocess(write(tmp_path / "i.nii.gz", np.round(phantom()), ras_affine(), np.int16))
+    torch.testing.assert_close(as_float["image"].as_tensor(), as_int["image"].as_tensor())
+
+
+def test_anisotropic_input_is_resampled_to_physical_size(tmp_path):
+    # the same head sampled at 2 mm isotropic and at 1 × 2 × 4 mm
+    side = 48
+    x, y, z = np.mgrid[:side, :side, :side].astype(np.float64)
+    fine = np.where(((x - 24) / 16) ** 2 + ((y - 24) / 18) ** 2 + ((z - 24) / 14) ** 2 < 1, 1, 0)
+    isotropic = write(tmp_path / "iso.nii.gz", fine[::2, ::2, ::2] * 100, ras_affine((2.0,) * 3))
+    aniso = write(tmp_path / "an.nii.gz", fine[:, ::2, ::4] * 100, ras_affine((1.0, 2.0, 4.0)))
+    config = dataclasses.replace(CONFIG, shape=(20, 20, 20), intensity="percentile")
+    extents = []
+    for path in (isotropic, aniso):
+        inside = (preprocess(path, config)["image"][0] > 0.5).nonzero()  # (N, 3)
+        extents.append(inside.amax(0) - inside.amin(0))
+    # diameters 32, 36, 28 mm: about 10, 11 and 8 voxel steps of 3 mm in both
+    assert (extents[0] - extents[1]).abs().max() <= 1
+    assert [9, 10, 7] <= extents[0].tolist() <= [11, 12, 9]
+
+
+# --- intensity and foreground
+
+
+def test_zscore_has_zero_mean_unit_std_in_foreground(tmp_path):
+    image = preprocess(_ras(tmp_path))["image"]
+    values = foreground_voxels(image).double()
+    assert values.numel() > 500
+    assert abs(float(values.mean())) < 1e-3
+    assert float(values.std(unbiased=False)) == pytest.approx(1.0, abs=1e-2)
+    # background stays exactly 0 (padding and outside the head)
+    assert float(image.min()) < -1.0 and int((image == 0).sum()) > 1000
+
+
+def test_percentile_scaling_is_within_unit_interval(tmp_path):
+    config = dataclasses.replace(CONFIG, intensity="percentile", percentiles=(1.0, 99.0))
+    image = preprocess(_ras(tmp_path), config)["image"]
+    assert float(image.min()) == 0.0
+    assert float(image.max()) == 1.0
+    # clipped: at least the top 1 % of the cropped volume sits exactly at 1
+    assert int((image == 1.0).sum()) > 0
+
+
+def test_crop_foreground_centres_an_off_centre_head(tmp_path):
+    data = np.zeros((40, 40, 40))
+    data[2:12, 3:11, 25:37] = 100.0 + np.random.default_rng(0).normal(0, 5, (10, 8, 12))
+    path = write(tmp_path / "corner.nii.gz", data, ras_affine((1.0, 1.0, 1.0)))
+    config = dataclasses.replace(CONFIG, spacing_mm=(1.0, 1.0, 1.0), shape=(16, 16, 16))
+
+    image = preprocess(path, config)["image"][0]
+    assert int((image != 0).sum()) == 10 * 8 * 12  # every head voxel kept
+    lo, hi = image.nonzero().amin(0), image.nonzero().amax(0)
+    assert lo.tolist() == [3, 4, 2] and hi.tolist() == [12, 11, 13]  # centred in 16³
+
+    uncropped = preprocess(path, dataclasses.replace(config, crop_foreground=False))["image"]
+    assert int((uncropped != 0).sum()) < 10 * 8 * 12  # the centre crop cuts the head
+
+
+def test_foreground_fraction_ignores_noisy_background(tmp_path):
+    data = phantom() + np.random.default_rng(1).uniform(0.5, 3.0, (SIDE,) * 3)
+    path = write(tmp_path / "noisy.nii.gz", data, ras_affine((1.0, 1.0, 1.0)))
+    config = dataclasses.replace(CONFIG, spacing_mm=(1.0, 1.0, 1.0), shape=(24, 24, 24))
+    plain = preprocess(path, config)["image"][0]
+    robust = preprocess(path, dataclasses.replace(config, foreground_fraction=0.2))["image"][0]
+    # a positive background makes the whole field of view foreground: nothing to pad
+    assert int((plain == 0).sum()) <= 1
+    # with the threshold the crop keeps the head's box (15 × 17 × 13) and pads the rest
+    assert int((robust == 0).sum()) >= 24**3 - 15 * 17 * 13
+
+
+def test_non_finite_voxels_become_zero(tmp_path):
+    data = phantom()
+    data[0:3, 0:3, 0:3] = np.nan
+    data[12, 12, 12] = np.inf
+    image = preprocess(write(tmp_path / "nan.nii.gz", data, ras_affine()))["image"]
+    assert torch.isfinite(image).all()
+
+
+# --- files that cannot be used
+
+
+def test_multi_volume_file_is_rejected_naming_it(tmp_path):
+    path = write(tmp_path / "bold.nii.gz", np.stack([phantom(), phantom(1)], -1), ras_affine())
+    with pytest.raises(RuntimeError) as excinfo:  # MONAI wraps errors raised inside Compose
+        preprocess(path)
+    cause = excinfo.value.__cause__
+    assert isinstance(cause, ValueError)
+    assert "bold.nii.gz: expected a single volume, got 2 volumes" in str(cause)
+
+
+def test_empty_image_is_rejected(tmp_path):
+    path = write(tmp_path / "empty.nii.gz", np.zeros((8, 8, 8)), ras_affine())
+    with pytest.raises(RuntimeError) as excinfo:
+        preprocess(path)
+    assert isinstance(excinfo.value.__cause__, ValueError)
+    assert "empty.nii.gz: image is empty" in str(excinfo.value.__cause__)
+
+
+# --- configuration
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("spacing_mm", (3.0, 0.0, 3.0)),
+        ("spacing_mm", (3.0, 3.0)),
+        ("spacing_mm", (3.0, -1.0, float("nan"))),
+        ("shape", (64, 64, 0)),
+        ("shape", (64.5, 64, 64)),
+        ("shape", 64),
+        ("orientation", "RAA"),
+        ("orientation", "RASX"),
+        ("orientation", "XYZ"),
+        ("intensity", "minmax"),
+        ("percentiles", (99.5, 0.5)),
+        ("percentiles", (-1.0, 99.0)),
+        ("crop_foreground", "yes"),
+        ("foreground_fraction", 1.0),
+    ],
+)
+def test_preprocessing_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=rf"{field} must .*got {re.escape(repr(value))}"):
+        PreprocessingConfig(**{field: value})
+
+
+def test_preprocessing_config_reports_every_problem_at_once():
+    with pytest.raises(ValueError) as excinfo:
+        PreprocessingConfig(spacing_mm=(0, 1, 1), shape=(1, 2), intensity="other")
+    message = str(excinfo.value)
+    for field in ("spacing_mm", "shape", "intensity"):
+        assert f"{field} must" in message
+
+
+def test_fingerprint_is_stable_and_tracks_every_field():
+    base = PreprocessingConfig()
+    # lists (as from YAML), lower-case codes and ints normalise to the same config
+    same = PreprocessingConfig(spacing_mm=[3, 3, 3], shape=[64, 64, 64], orientation="ras")
+    assert same == base and same.fingerprint() == base.fingerprint()
+    assert len(base.fingerprint()) == 64
+
+    changed = [
+        dataclasses.replace(base, spacing_mm=(2.0, 2.0, 2.0)),
+        dataclasses.replace(base, shape=(64, 64, 32)),
+        dataclasses.replace(base, orientation="LPS"),
+        dataclasses.replace(base, intensity="percentile"),
+        dataclasses.replace(base, percentiles=(1.0, 99.0)),
+        dataclasses.replace(base, crop_foreground=False),
+        dataclasses.replace(base, foreground_fraction=0.1),
+    ]
+    fingerprints = {config.fingerprint() for config in changed}
+    assert len(fingerprints) == len(changed) and base.fingerprint() not in fingerprints
+    assert base.to_dict()["spacing_mm"] == [3.0, 3.0, 3.0]
+
+
+# --- augmentation
+
+PROBABILITIES = [f.name for f in dataclasses.fields(AugmentationConfig) if f.name.endswith("_p")]
+NOTHING = AugmentationConfig(**dict.fromkeys(PROBABILITIES, 0.0))
+
+
+def cached_sample() -> dict:
+    image = torch.zeros(1, 16, 16, 16)
+    image[:, 3:13, 4:12, 2:14] = torch.randn(1, 10, 8, 12)
+    return {"image": image, "label": torch.tensor(1), "subject_id": "sub-001", "site": "A"}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [AugmentationConfig(enabled=False), NOTHING],
+    ids=["disabled", "all_p_zero"],
+)
+def test_augmentation_identity(config):
+    sample = cached_sample()
+    assert config.is_identity
+    out = augmentation_transforms(config)(sample)
+    assert torch.equal(out["image"], sample["image"])
+    assert out["subject_id"] == "sub-001"
+
+
+@pytest.mark.parametrize("probability", PROBABILITIES)
+def test_each_augmentation_changes_image_and_keeps_contract(probability):
+    config = dataclasses.replace(NOTHING, **{probability: 1.0})
+    sample = cached_sample()
+    original = sample["image"].clone()
+
+    out = augmentation_transforms(config, spacing_mm=(3.0, 3.0, 3.0))(sample)
+
+    assert out["image"].shape == (1, 16, 16, 16)
+    assert out["image"].dtype == torch.float32
+    assert float((out["image"] - original).abs().max()) > 1e-3
+    assert torch.equal(sample["image"], original)  # the input (a cached item) is not modified
+    assert out["subject_id"] == "sub-001" and out["site"] == "A"
+    assert torch.equal(out["label"], torch.tensor(1))
+
+
+def test_augmentation_is_deterministic_under_manual_seed():
+    augment = augmentation_transforms(AugmentationConfig(), spacing_mm=(3.0, 3.0, 3.0))
+    sample = cached_sample()
+    torch.manual_seed(123)
+    first = [augment(sample)["image"] for _ in range(3)]
+    torch.manual_seed(123)
+    second = [augment(sample)["image"] for _ in range(3)]
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], first[1])  # but successive draws differ
+
+
+def test_augmentation_accepts_metatensor_from_preprocessing(tmp_path):
+    sample = preprocess(_ras(tmp_path))
+    config = dataclasses.replace(NOTHING, affine_p=1.0)
+    out = augmentation_transforms(config)(sample)
+    assert type(out["image"]) is torch.Tensor
+    assert out["image"].shape == (1, 16, 16, 16) and out["label"] == 1
+
+
+def test_augmentation_rejects_wrong_shape():
+    augment = augmentation_transforms(AugmentationConfig(affine_p=1.0))
+    with pytest.raises(ValueError, match=r"image must have shape \(1, D, H, W\), got \(16, 16\)"):
+        augment({"image": torch.zeros(16, 16)})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("affine_p", 1.5, "affine_p must be a probability in \\[0, 1\\], got 1.5"),
+        ("noise_std", -0.1, "noise_std must be finite and >= 0, got -0.1"),
+        ("affine_scales", 1.0, "affine_scales must be < 1"),
+        ("gamma_p", "high", "gamma_p must be a number, got 'high'"),
+        ("enabled", 1, "enabled must be a bool, got 1"),
+    ],
+)
+def test_augmentation_config_rejects_bad_values(field, value, expected):
+    with pytest.raises(ValueError, match=expected):
+        AugmentationConfig(**{field: value})

@@ -159,7 +159,9 @@ class Cohort:
         return self.classes.index(record.target)
 
     def to_samples(self, subjects: Sequence[str] | None = None) -> list[dict]:
-        """MONAI-style samples ``{"image", "label", "subject_id", "session_id"}``.
+        """MONAI-style samples ``{"image", "label", "subject_id", "session_id", "image_path"}``.
+
+        ``image_path`` repeats the path, since the dataset replaces ``image`` by the volume.
 
         Args:
             subjects: Keep only these subjects; all when ``None``.
@@ -171,6 +173,7 @@ class Cohort:
                 "label": self.label_of(r),
                 "subject_id": r.subject_id,
                 "session_id": r.session_id or "",
+                "image_path": str(r.image),
             }
             for r in self.records
             if keep is None or r.subject_id in keep

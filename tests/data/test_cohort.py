@@ -17,7 +17,13 @@ class TestTable:
         assert record.source == "cohort.csv:3"
         samples = cohort.to_samples(["sub-01"])
         assert samples == [
-            {"image": str(record.image), "label": 1, "subject_id": "sub-01", "session_id": ""}
+            {
+                "image": str(record.image),
+                "label": 1,
+                "subject_id": "sub-01",
+                "session_id": "",
+                "image_path": str(record.image),
+            }
         ]
 
     def test_reads_tsv_and_regression_targets(self, tmp_path):

@@ -1,0 +1,367 @@
+"""The ``enn-neuro`` command: demo, validate, cv, train, predict, evaluate, ui.
+
+Each subcommand is a thin layer over the library. Errors a user can fix (a bad config, a
+broken cohort, a study that exists) end the command with one clear message and a non-zero
+exit code, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+__all__ = ["main"]
+
+logger = logging.getLogger("enn_neuro")
+
+EXIT_USER_ERROR = 2
+EXIT_TRAINING_FAILED = 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+
+    from enn_neuro.config import ConfigError
+    from enn_neuro.data.cohort import CohortError
+    from enn_neuro.data.splits import LeakageError
+    from enn_neuro.training.learner import NonFiniteLossError
+    from enn_neuro.training.study import StudyError
+
+    try:
+        return args.handler(args) or 0
+    except NonFiniteLossError as err:
+        print(f"error: training stopped: {err}", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
+    except (
+        ConfigError,
+        CohortError,
+        StudyError,
+        LeakageError,
+        FileNotFoundError,
+        ValueError,
+    ) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: resume with --resume", file=sys.stderr)
+        return 130
+
+
+# subcommands
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from enn_neuro.config import load_config
+    from enn_neuro.data.demo import write_demo_cohort
+    from enn_neuro.training.study import run_study
+
+    workdir = Path(args.workdir)
+    cohort_dir = workdir / "cohort"
+    if not (cohort_dir / "participants.tsv").exists():
+        logger.info("writing the demo cohort (%d subjects) to %s", args.subjects, cohort_dir)
+        write_demo_cohort(cohort_dir, n_subjects=args.subjects, seed=args.seed)
+    overrides = [
+        f"data.cohort={cohort_dir}",
+        f"study.output_dir={workdir / 'runs'}",
+        f"data.cache_dir={workdir / 'cache'}",
+        *args.set,
+    ]
+    config = load_config(args.config or _packaged_config("demo.yaml"), overrides)
+    config = _with_tracking_uri(
+        config, args.tracking_uri, default=f"sqlite:///{workdir / 'mlflow.db'}"
+    )
+    result = run_study(config, resume=args.resume)
+    _print_summary(result.summary, config.tracking.tracking_uri)
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from enn_neuro.config import load_config
+    from enn_neuro.data.cohort import load_cohort
+    from enn_neuro.data.validation import validate_cohort
+
+    if args.config:
+        config = load_config(args.config, args.set)
+        data = config.data
+        cohort = load_cohort(data.cohort, data.target, data.task, data.classes, data.image_column)
+        folds = data.n_folds
+    else:
+        if not args.cohort or not args.target:
+            raise ValueError("give a cohort and --target, or --config")
+        cohort = load_cohort(args.cohort, args.target, args.task)
+        folds = args.folds
+    report = validate_cohort(cohort, n_folds=folds)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _cv(args: argparse.Namespace, folds: Sequence[int] | None = None) -> int:
+    from enn_neuro.config import load_config
+    from enn_neuro.training.study import run_study
+
+    config = _with_tracking_uri(load_config(args.config, args.set), args.tracking_uri)
+    result = run_study(config, resume=args.resume, folds=folds)
+    _print_summary(result.summary, config.tracking.tracking_uri)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    return _cv(args, folds=[args.fold])
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from enn_neuro.training.inference import load_trained_model, predict_images
+
+    trained = load_trained_model(args.checkpoint, args.run_id, args.tracking_uri)
+    images, subjects = _inputs(args.inputs, args)
+    frame = predict_images(trained, images, subjects, batch_size=args.batch_size)
+    _write_csv(frame, args.out)
+    print(f"wrote {len(frame)} predictions to {args.out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from enn_neuro.data.cohort import load_cohort
+    from enn_neuro.data.validation import validate_cohort
+    from enn_neuro.training.inference import evaluate_cohort, load_trained_model
+
+    trained = load_trained_model(args.checkpoint, args.run_id, args.tracking_uri)
+    cohort = load_cohort(
+        args.cohort, args.target, trained.task, trained.classes or None, args.image_column
+    )
+    validate_cohort(cohort, n_folds=None).raise_if_problems()
+    frame, metrics = evaluate_cohort(trained, cohort, batch_size=args.batch_size)
+    if args.out:
+        _write_csv(frame, args.out)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    command = ui_command(args.tracking_uri, args.port)
+    store = command[command.index("--backend-store-uri") + 1]
+    print(f"MLflow UI on http://127.0.0.1:{args.port} (store: {store})")
+    os.execvp(command[0], command)
+    return 0  # not reached
+
+
+def ui_command(tracking_uri: str | None, port: int) -> list[str]:
+    """The ``mlflow ui`` command line, bound to the loopback interface only."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    executable = shutil.which("mlflow") or "mlflow"
+    return [
+        executable,
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
+# helpers
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="enn-neuro",
+        description="Eigen Neural Networks for 3D brain MRI: validate cohorts, run "
+        "cross-validated studies in bp or local mode, predict, and compare runs in MLflow.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def study_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)",
+        )
+        command.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue a killed study from its last checkpoints, in the same MLflow runs",
+        )
+        command.add_argument(
+            "--tracking-uri",
+            help="MLflow tracking URI (default: the config's, then MLFLOW_TRACKING_URI, "
+            "then sqlite:///mlflow.db)",
+        )
+
+    demo = commands.add_parser(
+        "demo",
+        help="write the synthetic demo cohort and run a small CV study on it",
+        description="Writes a synthetic BIDS cohort built from the MNI152 template (once) and "
+        "runs the demo study on it: cross-validation, MLflow tracking, a summary at the end.",
+    )
+    demo.add_argument(
+        "--workdir", default="enn-demo", help="folder for cohort, cache, runs and mlflow.db"
+    )
+    demo.add_argument("--subjects", type=int, default=60, help="subjects of the demo cohort")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the demo cohort")
+    demo.add_argument("--config", help="study config (default: the packaged demo.yaml)")
+    study_options(demo)
+    demo.set_defaults(handler=_demo)
+
+    validate = commands.add_parser(
+        "validate",
+        help="pre-flight check of a cohort: every problem, before any training",
+        description="Reads every header and volume once and reports every problem found, naming "
+        "subject and file. Exit code 0 when the cohort is clean, 1 otherwise.",
+    )
+    validate.add_argument("cohort", nargs="?", help="cohort table (.csv/.tsv) or BIDS folder")
+    validate.add_argument("--target", help="target column")
+    validate.add_argument(
+        "--task", default="classification", choices=["classification", "regression"]
+    )
+    validate.add_argument(
+        "--folds", type=int, default=5, help="planned folds (class counts are checked)"
+    )
+    validate.add_argument(
+        "--config", help="take cohort, target, task and folds from a study config"
+    )
+    validate.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
+    validate.set_defaults(handler=_validate)
+
+    cv = commands.add_parser(
+        "cv",
+        help="run a cross-validated study from a config",
+        description="Validates the config and cohort, makes subject-level folds, trains every "
+        "fold (model selection on validation subjects only) and summarises test metrics with "
+        "95%% confidence intervals. Tracked in MLflow: a parent run, a child run per fold.",
+    )
+    cv.add_argument("config", help="study config (YAML)")
+    study_options(cv)
+    cv.set_defaults(handler=_cv)
+
+    train = commands.add_parser(
+        "train",
+        help="train and test one split of a study",
+        description="Like cv, for one fold only.",
+    )
+    train.add_argument("config", help="study config (YAML)")
+    train.add_argument("--fold", type=int, default=0, help="which fold (default 0)")
+    study_options(train)
+    train.set_defaults(handler=_train)
+
+    def model_source(command: argparse.ArgumentParser) -> None:
+        source = command.add_mutually_exclusive_group(required=True)
+        source.add_argument("--checkpoint", help="a best.pt from a study folder")
+        source.add_argument("--run-id", help="an MLflow fold run that logged the model")
+        command.add_argument("--tracking-uri", help="MLflow tracking URI of --run-id")
+        command.add_argument("--batch-size", type=int, default=4)
+
+    predict = commands.add_parser(
+        "predict",
+        help="apply a trained model to NIfTI files or a cohort",
+        description="Writes one row per image: subject, image, prediction and class "
+        "probabilities (classification) or the predicted value (regression).",
+    )
+    model_source(predict)
+    predict.add_argument("inputs", nargs="+", help="NIfTI files, a cohort table, or a BIDS folder")
+    predict.add_argument("--out", default="predictions.csv", help="CSV to write")
+    predict.add_argument(
+        "--target", help="target column when an input is a cohort (not used for scoring)"
+    )
+    predict.add_argument("--image-column", default="image")
+    predict.set_defaults(handler=_predict)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score a trained model on a labelled cohort",
+        description="Predicts every image of a labelled cohort and prints subject-level "
+        "metrics as JSON.",
+    )
+    model_source(evaluate)
+    evaluate.add_argument("cohort", help="cohort table or BIDS folder with the target column")
+    evaluate.add_argument("--target", required=True, help="target column")
+    evaluate.add_argument("--image-column", default="image")
+    evaluate.add_argument("--out", help="also write per-image predictions to this CSV")
+    evaluate.set_defaults(handler=_evaluate)
+
+    ui = commands.add_parser(
+        "ui",
+        help="open the MLflow UI on the study's store (127.0.0.1 only)",
+        description="Starts `mlflow ui` on the tracking store, bound to 127.0.0.1.",
+    )
+    ui.add_argument(
+        "--tracking-uri", help="store to show (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(handler=_ui)
+    return parser
+
+
+def _inputs(inputs: Sequence[str], args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
+    """NIfTI paths (subjects from file names), or the images of one cohort."""
+    if len(inputs) == 1 and (Path(inputs[0]).is_dir() or inputs[0].endswith((".csv", ".tsv"))):
+        from enn_neuro.data.cohort import load_cohort
+
+        target = args.target or "participant_id"
+        cohort = load_cohort(inputs[0], target, "classification", None, args.image_column)
+        return [str(r.image) for r in cohort.records], [r.subject_id for r in cohort.records]
+    missing = [p for p in inputs if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"input image(s) not found: {missing}")
+    return list(inputs), None
+
+
+def _with_tracking_uri(config, tracking_uri: str | None, default: str | None = None):
+    uri = (
+        tracking_uri
+        or config.tracking.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or default
+    )
+    if uri:
+        config.tracking.tracking_uri = uri
+    return config
+
+
+def _packaged_config(name: str) -> Path:
+    return Path(str(resources.files("enn_neuro") / "configs" / name))
+
+
+def _write_csv(frame, path: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    frame.to_csv(temporary, index=False)
+    temporary.replace(path)
+
+
+def _print_summary(summary: dict, tracking_uri: str | None) -> None:
+    print("test metrics over folds (mean, 95% CI):")
+    for name, values in summary.items():
+        if name.startswith("test/") and "block" not in name and name != "test/loss":
+            print(
+                f"  {name.removeprefix('test/'):<18} {values['mean']:.3f} "
+                f"[{values['ci_low']:.3f}, {values['ci_high']:.3f}]"
+            )
+    print(f"compare runs with: enn-neuro ui --tracking-uri {tracking_uri or 'sqlite:///mlflow.db'}")
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

@@ -1,0 +1,143 @@
+"""MLflow tracking for a study: a parent run per study, a child run per fold.
+
+Runs are addressed by id through :class:`mlflow.MlflowClient`, never through MLflow's global
+"active run", so a resumed study logs into the very runs it started and folds cannot log into
+each other's runs. Per-epoch metrics go out as one batch per epoch, asynchronously, so
+tracking costs the training loop almost nothing.
+
+The tracking URI is the configured one, else ``MLFLOW_TRACKING_URI``, else MLflow's own
+default: the local SQLite store ``mlflow.db`` in the current folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+
+__all__ = ["StudyTracker"]
+
+logger = logging.getLogger(__name__)
+
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
+
+
+class StudyTracker:
+    """Creates, resumes and writes the MLflow runs of one study.
+
+    Args:
+        tracking_uri: MLflow tracking URI; ``None`` uses ``MLFLOW_TRACKING_URI`` or the default.
+        experiment: Experiment name, created if missing.
+    """
+
+    def __init__(self, tracking_uri: str | None, experiment: str) -> None:
+        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+        if self.tracking_uri:
+            mlflow.set_tracking_uri(self.tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = (
+            found.experiment_id if found else self.client.create_experiment(experiment)
+        )
+
+    # runs
+
+    def start_run(
+        self,
+        name: str,
+        run_id: str | None = None,
+        parent_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> str:
+        """Starts a run, or reopens ``run_id`` when resuming; returns the run id."""
+        if run_id is not None:
+            self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            logger.info("resuming MLflow run %s (%s)", run_id, name)
+            return run_id
+        all_tags = dict(tags or {})
+        if parent_id is not None:
+            all_tags["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
+        logger.info(
+            "MLflow run %s (%s) in experiment %s", run.info.run_id, name, self.experiment_id
+        )
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """Flushes pending metrics and marks the run ``FINISHED``, ``FAILED`` or ``KILLED``."""
+        mlflow.flush_async_logging()
+        self.client.set_terminated(run_id, status=status)
+
+    # values
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Logs parameters (values stringified and truncated to MLflow's limit).
+
+        A resumed run already holds them; MLflow refuses to change a parameter, so only new
+        keys are sent.
+        """
+        existing = self.client.get_run(run_id).data.params
+        batch = [
+            Param(key, str(value)[:MAX_PARAM_LENGTH])
+            for key, value in params.items()
+            if key not in existing
+        ]
+        for start in range(0, len(batch), 100):  # MLflow's batch limit for parameters
+            self.client.log_batch(run_id, params=batch[start : start + 100], synchronous=True)
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        """Logs finite scalar metrics at ``step`` in one asynchronous batch."""
+        timestamp = int(time.time() * 1000)
+        batch = [
+            Metric(key, float(value), timestamp, step)
+            for key, value in metrics.items()
+            if isinstance(value, (int, float)) and math.isfinite(value)
+        ]
+        for start in range(0, len(batch), 1000):
+            self.client.log_batch(run_id, metrics=batch[start : start + 1000], synchronous=False)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        """Sets tags (mode, layer type, model, cohort hash, ...)."""
+        batch = [RunTag(key, str(value)) for key, value in tags.items()]
+        self.client.log_batch(run_id, tags=batch, synchronous=True)
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        """Copies a local file into the run's artifacts."""
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_model(self, run_id: str, model, example_input) -> None:
+        """Logs a (fused, plain) PyTorch model with a signature inferred from one input.
+
+        Args:
+            run_id: The fold's run.
+            model: A module in eval mode.
+            example_input: A numpy array ``(B, C, *S)`` the model accepts.
+        """
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        with torch.no_grad():
+            output = model(torch.from_numpy(example_input)).numpy()
+        signature = infer_signature(example_input, output)
+        # MLflow's log_model logs into the active run; reopen this fold's run just for it
+        with mlflow.start_run(run_id=run_id):
+            mlflow.pytorch.log_model(
+                model,
+                name="model",
+                signature=signature,
+                # MLflow's default 'pt2' format traces one input shape; the traced ResNet then
+                # fails on another batch size (torch 2.13, MLflow 3.17): pickle the module
+                serialization_format="pickle",
+                # inferring requirements imports and inspects the environment: slow, and the
+                # model only needs torch and this package
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "enn-neuro"],
+            )

@@ -1,0 +1,1 @@
+"""Training and evaluation: bp and local steps, the loop, checkpoints, metrics, studies."""

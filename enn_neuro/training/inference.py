@@ -1,0 +1,186 @@
+"""Applying a trained model to new images: from a checkpoint or from an MLflow run.
+
+The model is fused to plain layers (:func:`enn_neuro.enn.to_plain`) for inference at no
+ENN overhead. Images go through the exact preprocessing the model was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from enn_neuro.config import validate_config
+from enn_neuro.data.cohort import Cohort
+from enn_neuro.data.dataset import make_dataset
+from enn_neuro.data.transforms import PreprocessingConfig
+from enn_neuro.enn import to_plain
+from enn_neuro.models import create_model
+from enn_neuro.training.checkpoint import load_checkpoint
+from enn_neuro.training.metrics import classification_metrics, regression_metrics
+
+__all__ = ["TrainedModel", "evaluate_cohort", "load_trained_model", "predict_images"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainedModel:
+    """A fused model with what is needed to use it.
+
+    Attributes:
+        model: Plain-layer network in eval mode, ``(B, 1, D, H, W) → (B, num_outputs)``.
+        task: ``"classification"`` or ``"regression"``.
+        classes: Class names in output order (classification).
+        target_mean: Regression outputs are z-scores of the target: value = z · std + mean.
+        target_std: See ``target_mean``.
+        preprocessing: The training preprocessing.
+    """
+
+    model: nn.Module
+    task: str
+    classes: list[str]
+    target_mean: float
+    target_std: float
+    preprocessing: PreprocessingConfig
+
+
+def load_trained_model(
+    checkpoint: str | Path | None = None,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> TrainedModel:
+    """Loads a model from a ``best.pt`` checkpoint or from a fold's MLflow run.
+
+    Args:
+        checkpoint: A ``best.pt`` written by training.
+        run_id: An MLflow fold run that logged ``model`` and ``model_info.json``.
+        tracking_uri: Where that run lives (default: ``MLFLOW_TRACKING_URI`` or ``mlflow.db``).
+
+    Raises:
+        ValueError: If neither or both sources are given.
+        FileNotFoundError: If the checkpoint does not exist.
+    """
+    if (checkpoint is None) == (run_id is None):
+        raise ValueError("give exactly one of a checkpoint or an MLflow run id")
+    if checkpoint is not None:
+        saved = load_checkpoint(checkpoint)
+        config = validate_config(saved["config"], source=str(checkpoint))
+        task = config.data.task
+        classes = list(saved["classes"])
+        model = create_model(
+            config.model.name,
+            spatial_dims=3,
+            in_channels=1,
+            num_classes=len(classes) if task == "classification" else 1,
+            layer=config.model.layer,
+            norm=config.model.norm,
+            base_width=config.model.base_width,
+        )
+        model.load_state_dict(saved["training"]["model"])
+        return TrainedModel(
+            model=to_plain(model).eval(),
+            task=task,
+            classes=classes,
+            target_mean=float(saved["training"]["target_mean"]),
+            target_std=float(saved["training"]["target_std"]),
+            preprocessing=config.preprocessing,
+        )
+
+    import mlflow
+    import mlflow.pytorch
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model", map_location="cpu").eval()
+    with tempfile.TemporaryDirectory() as folder:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="model_info.json", dst_path=folder
+        )
+        info = json.loads(Path(path).read_text())
+    preprocessing = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in info["preprocessing"].items()
+    }
+    return TrainedModel(
+        model=model,
+        task=info["task"],
+        classes=list(info["classes"]),
+        target_mean=float(info["target_mean"]),
+        target_std=float(info["target_std"]),
+        preprocessing=PreprocessingConfig(**preprocessing),
+    )
+
+
+@torch.no_grad()
+def predict_images(
+    trained: TrainedModel,
+    images: Sequence[str | Path],
+    subject_ids: Sequence[str] | None = None,
+    batch_size: int = 4,
+    cache_dir: str | Path | None = None,
+) -> pd.DataFrame:
+    """Predicts every image; one row per image.
+
+    Args:
+        trained: From :func:`load_trained_model`.
+        images: NIfTI files.
+        subject_ids: One per image; the file names (without extension) when ``None``.
+        batch_size: Images per forward pass.
+        cache_dir: Preprocessing cache (shared with training when the same).
+
+    Returns:
+        ``subject_id``, ``image``, ``prediction`` and, for classification, ``prob_<class>``.
+    """
+    images = [str(Path(p).resolve()) for p in images]
+    if subject_ids is None:
+        subject_ids = [Path(p).name.split(".nii")[0] for p in images]
+    samples = [
+        {"image": path, "subject_id": subject, "image_path": path}
+        for path, subject in zip(images, subject_ids, strict=True)
+    ]
+    dataset = make_dataset(samples, trained.preprocessing, None, cache_dir)
+    outputs = []
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        outputs.append(trained.model(batch["image"]).float().numpy())  # (B, num_outputs)
+    outputs = np.concatenate(outputs)
+    frame = pd.DataFrame({"subject_id": list(subject_ids), "image": images})
+    if trained.task == "classification":
+        shifted = outputs - outputs.max(axis=1, keepdims=True)
+        probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+        frame["prediction"] = [trained.classes[i] for i in probabilities.argmax(axis=1)]
+        for index, name in enumerate(trained.classes):
+            frame[f"prob_{name}"] = probabilities[:, index]
+    else:
+        frame["prediction"] = outputs[:, 0] * trained.target_std + trained.target_mean
+    return frame
+
+
+def evaluate_cohort(trained: TrainedModel, cohort: Cohort, **kwargs) -> tuple[pd.DataFrame, dict]:
+    """Predicts a labelled cohort and scores it per subject (mean over a subject's images).
+
+    Returns:
+        The per-image predictions (with a ``target`` column) and the metrics.
+    """
+    frame = predict_images(
+        trained, [r.image for r in cohort.records], [r.subject_id for r in cohort.records], **kwargs
+    )
+    frame["target"] = [r.target for r in cohort.records]
+    by_subject = frame.groupby("subject_id", sort=False)
+    if trained.task == "classification":
+        columns = [f"prob_{c}" for c in trained.classes]
+        labels = [trained.classes.index(t) for t in by_subject["target"].first()]
+        metrics = classification_metrics(
+            labels, by_subject[columns].mean().to_numpy(), trained.classes
+        )
+    else:
+        metrics = regression_metrics(by_subject["target"].first(), by_subject["prediction"].mean())
+    return frame, metrics

@@ -1,0 +1,407 @@
+"""The training loop of one split: epochs, validation, model selection, checkpoints.
+
+Model selection and early stopping look at the validation subjects only; the test subjects
+are predicted once, with the best model, after training. Randomness (shuffling,
+augmentation) is reseeded at every epoch from (seed, fold, epoch), and a checkpoint is
+written at every epoch's end, so a study killed at any moment and resumed finishes with the
+same numbers as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from enn_neuro.training.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from enn_neuro.training.learner import Learner
+from enn_neuro.training.metrics import (
+    classification_metrics,
+    regression_metrics,
+    selection_direction,
+)
+
+__all__ = [
+    "FitResult",
+    "Predictions",
+    "evaluate",
+    "fit",
+    "predict_loader",
+    "seed_everything",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class Predictions:
+    """Per-image outputs of every head, with who and what they belong to.
+
+    Attributes:
+        subject_ids: ``(N,)`` subject of each image.
+        session_ids: ``(N,)`` session of each image ("" if none).
+        images: ``(N,)`` image paths.
+        targets: ``(N,)`` true class indices or values.
+        outputs: One ``(N, num_outputs)`` array per head, the final head last (logits for
+            classification, values in target units for regression).
+    """
+
+    subject_ids: list[str]
+    session_ids: list[str]
+    images: list[str]
+    targets: np.ndarray
+    outputs: list[np.ndarray]
+
+    def table(self, task: str, classes: Sequence[str]) -> pd.DataFrame:
+        """One row per image: ids, target, prediction and class probabilities."""
+        frame = pd.DataFrame(
+            {
+                "subject_id": self.subject_ids,
+                "session_id": self.session_ids,
+                "image": self.images,
+                "target": self.targets,
+            }
+        )
+        final = self.outputs[-1]
+        if task == "classification":
+            probabilities = _softmax(final)
+            frame["prediction"] = [classes[i] for i in probabilities.argmax(axis=1)]
+            frame["target"] = [classes[int(i)] for i in self.targets]
+            for index, name in enumerate(classes):
+                frame[f"prob_{name}"] = probabilities[:, index]
+        else:
+            frame["prediction"] = final[:, 0]
+        return frame
+
+
+@dataclass
+class FitResult:
+    """What training one split produced."""
+
+    best_epoch: int
+    best_score: float
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, fold: int, epoch: int) -> int:
+    """The seed of one epoch of one fold: a function of the three, nothing else."""
+    return (seed * 1_000_003 + fold * 10_007 + epoch) % 2**31
+
+
+def fit(
+    learner: Learner,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    fold: int,
+    fold_dir: Path,
+    classes: Sequence[str],
+    log_epoch: Callable[[dict[str, float], int], None],
+    resume: bool = False,
+) -> FitResult:
+    """Trains until the epoch budget or early stopping; keeps ``last.pt`` and ``best.pt``.
+
+    Args:
+        learner: Model, blocks, optimizers and schedulers.
+        train_loader: Shuffled training batches (its generator is reseeded each epoch).
+        val_loader: Validation batches.
+        fold: Fold index, for seeds and messages.
+        fold_dir: Where the checkpoints go.
+        classes: Class names (classification), empty for regression.
+        log_epoch: Receives each epoch's metrics and the epoch index (MLflow, logs).
+        resume: Continue from ``fold_dir/last.pt`` if present.
+
+    Returns:
+        The best epoch and score, and the history.
+
+    Raises:
+        NonFiniteLossError: From a step; ``last.pt`` and ``best.pt`` keep the last good epoch.
+    """
+    config = learner.config
+    training = config.training
+    metric = training.selection_metric or _default_metric(config.data.task)
+    higher_is_better = selection_direction(metric)
+    last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
+
+    state = {
+        "epoch": 0,
+        "global_step": 0,
+        "best_score": None,
+        "best_epoch": -1,
+        "stale_epochs": 0,
+        "stopped_early": False,
+        "history": [],
+    }
+    if resume and last_path.exists():
+        saved = load_checkpoint(last_path, map_location=learner.device)
+        learner.load_training_state(saved["training"])
+        restore_rng_state(saved["rng"])
+        state = saved["loop"]
+        logger.info("fold %d: resuming after epoch %d", fold, state["epoch"])
+
+    while state["epoch"] < training.epochs and not state["stopped_early"]:
+        epoch = state["epoch"]
+
+        # train
+        seed_everything(epoch_seed(config.study.seed, fold, epoch))
+        if train_loader.generator is not None:
+            train_loader.generator.manual_seed(epoch_seed(config.study.seed, fold, epoch))
+        train_stats, state["global_step"] = train_one_epoch(
+            learner, train_loader, fold, epoch, state["global_step"]
+        )
+        learning_rate = learner.learning_rate
+        learner.end_epoch()
+
+        # validate
+        val_metrics = evaluate(learner, predict_loader(learner, val_loader), classes, prefix="val/")
+        score = val_metrics[f"val/{metric}"]
+        improved = state["best_score"] is None or (
+            score > state["best_score"] if higher_is_better else score < state["best_score"]
+        )
+        if improved:
+            state.update(best_score=score, best_epoch=epoch, stale_epochs=0)
+            save_checkpoint(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "epoch": epoch,
+                    "fold": fold,
+                    "score": score,
+                    "metric": metric,
+                    "classes": list(classes),
+                    "config": config.resolved(),
+                    "training": {
+                        k: v
+                        for k, v in learner.training_state().items()
+                        if k in ("model", "heads", "target_mean", "target_std")
+                    },
+                },
+                best_path,
+            )
+        else:
+            state["stale_epochs"] += 1
+        if training.patience is not None and state["stale_epochs"] >= training.patience:
+            state["stopped_early"] = True
+
+        # log, then checkpoint: a kill in between re-runs this epoch with the same seeds and
+        # logs the same values again, rather than losing them
+        epoch_metrics = {
+            **train_stats,
+            **val_metrics,
+            **learner.orthogonality_summary(),
+            "lr": learning_rate,
+            "best/epoch": state["best_epoch"],
+            f"best/val_{metric}": state["best_score"],
+        }
+        state["history"].append({k: float(v) for k, v in epoch_metrics.items()})
+        log_epoch(epoch_metrics, epoch)
+        _log_epoch_line(fold, epoch, training.epochs, epoch_metrics, metric)
+        state["epoch"] = epoch + 1
+        save_checkpoint(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "fold": fold,
+                "training": learner.training_state(),
+                "rng": capture_rng_state(),
+                "loop": state,
+            },
+            last_path,
+        )
+
+    if state["stopped_early"]:
+        logger.info(
+            "fold %d: early stop after epoch %d (best %s %.4f at epoch %d)",
+            fold,
+            state["epoch"] - 1,
+            metric,
+            state["best_score"],
+            state["best_epoch"],
+        )
+    return FitResult(
+        best_epoch=state["best_epoch"],
+        best_score=state["best_score"],
+        epochs_run=state["epoch"],
+        stopped_early=state["stopped_early"],
+        history=state["history"],
+    )
+
+
+def train_one_epoch(
+    learner: Learner, loader: DataLoader, fold: int, epoch: int, global_step: int
+) -> tuple[dict[str, float], int]:
+    """Runs one epoch of steps; returns averaged losses and throughput, and the new step."""
+    log_every = learner.config.training.log_every
+    totals = {"loss": 0.0, "task_loss": 0.0, "penalty": 0.0}
+    block_totals = [0.0] * learner.num_blocks
+    samples, data_wait, steps = 0, 0.0, 0
+    progress = _progress(loader, f"fold {fold} epoch {epoch}")
+    start = waited_since = time.perf_counter()
+    for batch in progress:
+        data_wait += time.perf_counter() - waited_since
+        images = batch["image"].to(learner.device, non_blocking=True)  # (B, 1, D, H, W)
+        targets = batch["label"].to(learner.device, non_blocking=True)  # (B,)
+        where = f"fold {fold}, epoch {epoch}, step {steps}"
+        result = learner.train_step(images, targets, where, global_step)
+        global_step += 1
+        steps += 1
+        samples += images.shape[0]
+        totals["loss"] += result.loss
+        totals["task_loss"] += result.task_loss
+        totals["penalty"] += result.penalty
+        block_totals = [t + b for t, b in zip(block_totals, result.block_losses, strict=True)]
+
+        elapsed = time.perf_counter() - start
+        status = {
+            "loss": f"{result.loss:.4f}",
+            "avg": f"{totals['loss'] / steps:.4f}",
+            "lr": f"{learner.learning_rate:.2e}",
+            "samples/s": f"{samples / elapsed:.1f}",
+            "data": f"{data_wait / elapsed:.0%}",
+        }
+        if hasattr(progress, "set_postfix"):
+            progress.set_postfix(status, refresh=False)
+        elif steps % log_every == 0:
+            logger.info(
+                "fold %d epoch %d step %d: %s",
+                fold,
+                epoch,
+                steps,
+                ", ".join(f"{k} {v}" for k, v in status.items()),
+            )
+        waited_since = time.perf_counter()
+
+    elapsed = time.perf_counter() - start
+    steps = max(steps, 1)
+    stats = {f"train/{name}": value / steps for name, value in totals.items()}
+    stats["train/samples_per_s"] = samples / max(elapsed, 1e-9)
+    stats["train/data_wait_s"] = data_wait
+    stats["train/epoch_s"] = elapsed
+    if learner.num_blocks > 1:
+        for index, value in enumerate(block_totals):
+            stats[f"train/block{index}_loss"] = value / steps
+    return stats, global_step
+
+
+@torch.no_grad()
+def predict_loader(learner: Learner, loader: DataLoader) -> Predictions:
+    """Outputs of every head for every image of ``loader``."""
+    subject_ids, session_ids, images, targets = [], [], [], []
+    outputs: list[list[np.ndarray]] = []
+    for batch in loader:
+        heads = learner.predict(batch["image"].to(learner.device))  # K × (B, num_outputs)
+        if not outputs:
+            outputs = [[] for _ in heads]
+        for store, head in zip(outputs, heads, strict=True):
+            store.append(head.cpu().numpy())
+        subject_ids += list(batch["subject_id"])
+        session_ids += list(batch["session_id"])
+        images += list(batch["image_path"])
+        targets.append(batch["label"].cpu().numpy())
+    return Predictions(
+        subject_ids=subject_ids,
+        session_ids=session_ids,
+        images=images,
+        targets=np.concatenate(targets),
+        outputs=[np.concatenate(store) for store in outputs],
+    )
+
+
+def evaluate(
+    learner: Learner, predictions: Predictions, classes: Sequence[str], prefix: str = ""
+) -> dict[str, float]:
+    """Subject-level metrics of the final head, loss, and each block head's metrics.
+
+    A subject with several images is scored once, on the mean of its images' probabilities
+    (or predicted values).
+
+    Returns:
+        ``{prefix + name: value}``; block heads as ``{prefix}block{k}_{name}`` in local mode.
+    """
+    task = learner.config.data.task
+    targets = torch.from_numpy(predictions.targets)
+    final = torch.from_numpy(predictions.outputs[-1])
+    if task == "regression":
+        final = (final - learner.target_mean) / learner.target_std  # back to z-scores
+    result = {f"{prefix}loss": float(learner.task_loss(final, targets))}
+    for index, outputs in enumerate(predictions.outputs):
+        metrics = _subject_metrics(predictions, outputs, task, classes)
+        name = "" if index == len(predictions.outputs) - 1 else f"block{index}_"
+        result.update(
+            {f"{prefix}{name}{k}": v for k, v in metrics.items() if k != "confusion_matrix"}
+        )
+    return result
+
+
+def _subject_metrics(predictions: Predictions, outputs: np.ndarray, task: str, classes) -> dict:
+    frame = pd.DataFrame({"subject_id": predictions.subject_ids, "target": predictions.targets})
+    if task == "classification":
+        probabilities = _softmax(outputs)
+        columns = [f"p{i}" for i in range(probabilities.shape[1])]
+        frame[columns] = probabilities
+        by_subject = frame.groupby("subject_id", sort=False).mean()
+        return classification_metrics(
+            by_subject["target"].round().astype(int), by_subject[columns].to_numpy(), classes
+        )
+    frame["prediction"] = outputs[:, 0]
+    by_subject = frame.groupby("subject_id", sort=False).mean()
+    return regression_metrics(by_subject["target"], by_subject["prediction"])
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exponentials = np.exp(shifted)
+    return exponentials / exponentials.sum(axis=1, keepdims=True)
+
+
+def _default_metric(task: str) -> str:
+    return "balanced_accuracy" if task == "classification" else "mae"
+
+
+def _progress(loader: DataLoader, description: str):
+    """A tqdm bar on a terminal; the plain iterable (with periodic log lines) otherwise."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(loader, desc=description, leave=False, dynamic_ncols=True)
+    return loader
+
+
+def _log_epoch_line(fold: int, epoch: int, epochs: int, metrics: dict, metric: str) -> None:
+    logger.info(
+        "fold %d epoch %d/%d: train loss %.4f, val loss %.4f, val %s %.4f (best %.4f at %d), "
+        "%.1f samples/s, %.1fs",
+        fold,
+        epoch + 1,
+        epochs,
+        metrics["train/loss"],
+        metrics["val/loss"],
+        metric,
+        metrics[f"val/{metric}"],
+        metrics[f"best/val_{metric}"],
+        metrics["best/epoch"],
+        metrics["train/samples_per_s"],
+        metrics["train/epoch_s"],
+    )

@@ -1,0 +1,350 @@
+"""A cross-validation study, end to end: cohort → checks → splits → folds → summary.
+
+Everything that can be checked is checked before the first epoch: the configuration (on
+load), the cohort (every image read once), the splits (leakage). Each fold then trains,
+selects its model on its validation subjects, and predicts its test subjects once. The study
+directory holds everything a run produces (plain files beside MLflow):
+
+    <output_dir>/<study name>/
+        config.yaml      resolved configuration
+        splits.tsv       subject, fold, role
+        study.json       MLflow run ids and fold status (for --resume)
+        fold-<k>/        last.pt, best.pt, predictions.csv, metrics.json, figures
+        summary.json     mean and 95% confidence interval of every metric over folds
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from enn_neuro.config import Config, flatten, save_config
+from enn_neuro.data.cohort import Cohort, load_cohort
+from enn_neuro.data.dataset import make_dataset
+from enn_neuro.data.splits import check_leakage, make_splits, read_split_table, write_split_table
+from enn_neuro.data.validation import ValidationReport, validate_cohort
+from enn_neuro.enn import to_plain
+from enn_neuro.tracking import StudyTracker
+from enn_neuro.training.learner import Learner, NonFiniteLossError, resolve_device
+from enn_neuro.training.loop import epoch_seed, evaluate, fit, predict_loader, seed_everything
+from enn_neuro.training.metrics import classification_metrics, summarize_folds
+from enn_neuro.training.plots import plot_confusion_matrix, plot_learning_curves, plot_roc_curve
+
+__all__ = ["StudyError", "StudyResult", "prepare_cohort", "run_study"]
+
+logger = logging.getLogger(__name__)
+
+
+class StudyError(RuntimeError):
+    """A study cannot start or continue (existing directory, changed config, ...)."""
+
+
+@dataclass
+class StudyResult:
+    """Per-fold test metrics and their summary."""
+
+    study_dir: Path
+    parent_run_id: str
+    fold_metrics: dict[int, dict[str, float]]
+    summary: dict[str, dict[str, float]]
+
+
+def prepare_cohort(config: Config) -> tuple[Cohort, ValidationReport]:
+    """Reads and validates the configured cohort; raises listing every problem."""
+    data = config.data
+    cohort = load_cohort(data.cohort, data.target, data.task, data.classes, data.image_column)
+    n_folds = None if data.split_table else data.n_folds
+    report = validate_cohort(cohort, n_folds=n_folds)
+    report.raise_if_problems()
+    logger.info("%s", report.summary())
+    return cohort, report
+
+
+def run_study(
+    config: Config, resume: bool = False, folds: Sequence[int] | None = None
+) -> StudyResult:
+    """Runs (or resumes) a cross-validation study.
+
+    Args:
+        config: The validated configuration.
+        resume: Continue the study in its directory: finished folds are kept, the running
+            fold continues from its last checkpoint, in the same MLflow runs.
+        folds: Only these folds (``enn-neuro train`` runs one); all when ``None``.
+
+    Returns:
+        Test metrics per fold and their summary.
+
+    Raises:
+        CohortError: The cohort has problems (before any training).
+        StudyError: The directory holds another study, or there is nothing to resume.
+        NonFiniteLossError: A loss diverged; the runs are marked failed.
+    """
+    # checks before any work
+    cohort, report = prepare_cohort(config)
+    study_dir = config.study.output_dir / config.study.name
+    state = _open_study(study_dir, config, resume)
+    if config.data.split_table:
+        splits = read_split_table(config.data.split_table, cohort)
+    else:
+        splits = make_splits(
+            cohort,
+            n_folds=config.data.n_folds,
+            val_fraction=config.data.val_fraction,
+            seed=config.study.seed,
+            stratify_by=config.data.stratify_by,
+        )
+    check_leakage(splits, cohort, report.content_hashes())
+    all_folds = sorted(int(f) for f in splits["fold"].unique())
+    folds = all_folds if folds is None else list(folds)
+    unknown = sorted(set(folds) - set(all_folds))
+    if unknown:
+        raise ValueError(f"folds {unknown} do not exist; the splits have folds {all_folds}")
+    save_config(config, study_dir / "config.yaml")
+    write_split_table(splits, study_dir / "splits.tsv")
+
+    # the parent run
+    tracker = StudyTracker(config.tracking.tracking_uri, config.tracking.experiment)
+    tags = _tags(config, report)
+    parent_id = tracker.start_run(config.study.name, state.get("parent_run_id"), tags=tags)
+    state["parent_run_id"] = parent_id
+    _write_state(study_dir, state)
+    tracker.log_params(parent_id, flatten(config.resolved()))
+    tracker.set_tags(parent_id, tags)
+    tracker.log_artifact(parent_id, study_dir / "config.yaml")
+    tracker.log_artifact(parent_id, study_dir / "splits.tsv")
+
+    fold_metrics: dict[int, dict[str, float]] = {}
+    try:
+        for fold in folds:
+            fold_state = state["folds"].setdefault(str(fold), {})
+            if fold_state.get("status") == "finished":
+                fold_metrics[fold] = json.loads(
+                    (study_dir / f"fold-{fold}" / "metrics.json").read_text()
+                )
+                logger.info("fold %d: already finished, kept", fold)
+                continue
+            run_id = tracker.start_run(
+                f"{config.study.name}-fold{fold}", fold_state.get("run_id"), parent_id, tags
+            )
+            fold_state.update(run_id=run_id, status="running")
+            _write_state(study_dir, state)
+            try:
+                fold_metrics[fold] = _run_fold(
+                    config, cohort, splits, fold, study_dir, tracker, run_id, resume
+                )
+            except BaseException as err:
+                status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+                tracker.end_run(run_id, status)
+                raise
+            fold_state["status"] = "finished"
+            _write_state(study_dir, state)
+            tracker.end_run(run_id)
+    except (NonFiniteLossError, KeyboardInterrupt, Exception) as err:
+        tracker.end_run(parent_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+
+    # the study summary, on the parent run
+    summary = summarize_folds([fold_metrics[f] for f in sorted(fold_metrics)])
+    (study_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    study_metrics = {}
+    for name, values in summary.items():
+        for statistic in ("mean", "ci_low", "ci_high", "std"):
+            study_metrics[f"study/{name.removeprefix('test/')}_{statistic}"] = values[statistic]
+    tracker.log_metrics(parent_id, study_metrics, step=0)
+    tracker.log_artifact(parent_id, study_dir / "summary.json")
+    tracker.end_run(parent_id)
+    _log_summary(summary)
+    return StudyResult(study_dir, parent_id, fold_metrics, summary)
+
+
+def _run_fold(
+    config: Config,
+    cohort: Cohort,
+    splits: pd.DataFrame,
+    fold: int,
+    study_dir: Path,
+    tracker: StudyTracker,
+    run_id: str,
+    resume: bool,
+) -> dict[str, float]:
+    fold_dir = study_dir / f"fold-{fold}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    part = splits[splits["fold"] == fold]
+    subjects = {
+        role: part.loc[part["role"] == role, "subject_id"].tolist()
+        for role in ("train", "val", "test")
+    }
+    logger.info(
+        "fold %d: %d train, %d validation, %d test subjects",
+        fold,
+        len(subjects["train"]),
+        len(subjects["val"]),
+        len(subjects["test"]),
+    )
+    tracker.log_params(run_id, {**flatten(config.resolved()), "fold": fold})
+    tracker.log_artifact(run_id, study_dir / "config.yaml")
+
+    # data
+    loaders = _loaders(config, cohort, subjects, fold)
+
+    # model: regression targets are z-scored with the training subjects' statistics only
+    seed_everything(epoch_seed(config.study.seed, fold, -1))
+    device = resolve_device(config.training.device)
+    classes = cohort.classes
+    num_outputs = len(classes) if config.data.task == "classification" else 1
+    train_targets = [float(s["label"]) for s in cohort.to_samples(subjects["train"])]
+    learner = Learner(
+        config,
+        num_outputs,
+        device,
+        target_mean=float(np.mean(train_targets)),
+        target_std=float(np.std(train_targets)),
+    )
+
+    # train, selecting on validation only
+    def log_epoch(metrics: dict[str, float], epoch: int) -> None:
+        tracker.log_metrics(run_id, metrics, step=epoch)
+
+    result = fit(
+        learner, loaders["train"], loaders["val"], fold, fold_dir, classes, log_epoch, resume
+    )
+
+    # test: once, with the best model
+    best = torch.load(fold_dir / "best.pt", map_location=device, weights_only=True)
+    learner.load_weights(best["training"])
+    predictions = predict_loader(learner, loaders["test"])
+    test_metrics = evaluate(learner, predictions, classes, prefix="test/")
+    test_metrics["best_epoch"] = result.best_epoch
+    table = predictions.table(config.data.task, classes)
+    table.to_csv(fold_dir / "predictions.csv", index=False)
+    (fold_dir / "metrics.json").write_text(json.dumps(test_metrics, indent=2))
+    tracker.log_metrics(run_id, test_metrics, step=result.epochs_run)
+
+    # artifacts
+    metric = config.training.selection_metric or (
+        "balanced_accuracy" if config.data.task == "classification" else "mae"
+    )
+    figures = [plot_learning_curves(result.history, metric, fold_dir / "learning_curves.png")]
+    if config.data.task == "classification":
+        by_subject = table.groupby("subject_id", sort=False)
+        probabilities = by_subject[[f"prob_{c}" for c in classes]].mean().to_numpy()
+        labels = [classes.index(t) for t in by_subject["target"].first()]
+        matrix = classification_metrics(labels, probabilities, classes)["confusion_matrix"]
+        figures.append(plot_confusion_matrix(matrix, classes, fold_dir / "confusion_matrix.png"))
+        figures.append(plot_roc_curve(labels, probabilities, classes, fold_dir / "roc_curve.png"))
+    for path in [fold_dir / "predictions.csv", fold_dir / "metrics.json", *figures]:
+        tracker.log_artifact(run_id, path)
+    model_info = {
+        "classes": classes,
+        "task": config.data.task,
+        "target_mean": learner.target_mean,
+        "target_std": learner.target_std,
+        "preprocessing": config.resolved()["preprocessing"],
+    }
+    (fold_dir / "model_info.json").write_text(json.dumps(model_info, indent=2))
+    tracker.log_artifact(run_id, fold_dir / "model_info.json")
+    if config.tracking.log_model:
+        fused = to_plain(learner.model).cpu().eval()
+        example = loaders["test"].dataset[0]["image"][None].numpy()  # (1, 1, D, H, W)
+        tracker.log_model(run_id, fused, example)
+    logger.info(
+        "fold %d test: %s",
+        fold,
+        ", ".join(
+            f"{k.removeprefix('test/')} {v:.4f}"
+            for k, v in test_metrics.items()
+            if "block" not in k
+        ),
+    )
+    return test_metrics
+
+
+def _loaders(config: Config, cohort: Cohort, subjects: dict[str, list[str]], fold: int) -> dict:
+    data, training = config.data, config.training
+    augmentation = config.augmentation if config.augmentation.enabled else None
+    eval_batch = training.eval_batch_size or training.batch_size
+    loaders = {}
+    for role in ("train", "val", "test"):
+        dataset = make_dataset(
+            cohort.to_samples(subjects[role]),
+            config.preprocessing,
+            augmentation if role == "train" else None,
+            data.cache_dir,
+        )
+        generator = torch.Generator().manual_seed(epoch_seed(config.study.seed, fold, 0))
+        loaders[role] = DataLoader(
+            dataset,
+            batch_size=training.batch_size if role == "train" else eval_batch,
+            shuffle=role == "train",
+            drop_last=role == "train" and len(dataset) > training.batch_size,
+            num_workers=data.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            generator=generator if role == "train" else None,
+            persistent_workers=data.num_workers > 0,
+        )
+    return loaders
+
+
+def _open_study(study_dir: Path, config: Config, resume: bool) -> dict[str, Any]:
+    state_path = study_dir / "study.json"
+    if resume:
+        if not state_path.exists():
+            raise StudyError(f"nothing to resume: {state_path} does not exist")
+        state = json.loads(state_path.read_text())
+        if state["config_fingerprint"] != config.fingerprint():
+            raise StudyError(
+                f"the configuration differs from the one {study_dir} was started with "
+                f"(see {study_dir / 'config.yaml'}); resume with the same config and overrides"
+            )
+        return state
+    if state_path.exists():
+        raise StudyError(
+            f"study directory {study_dir} already holds a study: pass --resume to continue it, "
+            "or choose another study.name or study.output_dir"
+        )
+    study_dir.mkdir(parents=True, exist_ok=True)
+    return {"config_fingerprint": config.fingerprint(), "folds": {}}
+
+
+def _write_state(study_dir: Path, state: dict[str, Any]) -> None:
+    path = study_dir / "study.json"
+    temporary = path.with_name(f".study.json.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(state, indent=2))
+    temporary.replace(path)
+
+
+def _tags(config: Config, report: ValidationReport) -> dict[str, str]:
+    hashes = sorted(report.content_hashes().values())
+    cohort_hash = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
+    return {
+        "mode": config.training.mode,
+        "layer": config.model.layer,
+        "model": config.model.name,
+        "task": config.data.task,
+        "cohort_hash": cohort_hash,
+        "study": config.study.name,
+    }
+
+
+def _log_summary(summary: dict[str, dict[str, float]]) -> None:
+    for name, values in summary.items():
+        if name.startswith("test/") and "block" not in name:
+            logger.info(
+                "study %s: %.4f (95%% CI %.4f to %.4f, %d folds)",
+                name.removeprefix("test/"),
+                values["mean"],
+                values["ci_low"],
+                values["ci_high"],
+                values["n"],
+            )

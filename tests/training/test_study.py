@@ -1,0 +1,219 @@
+"""End-to-end studies with the real stack: MONAI data, the loop, a SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from enn_neuro.config import load_config
+from enn_neuro.training import learner as learner_module
+from enn_neuro.training.learner import NonFiniteLossError
+from enn_neuro.training.study import StudyError, run_study
+from tests.training.conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def _runs(tracking_uri):
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name("tests")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def _artifacts(client, run_id):
+    return {a.path for a in client.list_artifacts(run_id)}
+
+
+@pytest.mark.parametrize(
+    ("name", "sections"),
+    [
+        ("bp-enn", {}),
+        (
+            "local-enn",
+            {"training": {"mode": "local", "local": {"cut": "stage", "head": "conv_pool_linear"}}},
+        ),
+        ("bp-plain", {"model": {"layer": "plain"}}),
+        ("age", {"data": {"target": "age", "task": "regression", "classes": None}}),
+    ],
+)
+def test_study_logs_parent_and_fold_runs_with_params_metrics_artifacts(
+    tmp_path, demo_cohort, cache_dir, name, sections
+):
+    config = load_config(tiny_config(tmp_path, demo_cohort, cache_dir, name=name, **sections))
+    result = run_study(config)
+    client, parents, children = _runs(config.tracking.tracking_uri)
+
+    # one parent, one child per fold, linked
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.run_id == result.parent_run_id and parent.info.status == "FINISHED"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert parent.data.tags["mode"] == config.training.mode
+    assert parent.data.tags["layer"] == config.model.layer
+    assert parent.data.tags["model"] == "resnet18" and len(parent.data.tags["cohort_hash"]) == 16
+    assert parent.data.params["optim.lr"] == "0.001"
+    assert parent.data.params["training.mode"] == config.training.mode
+
+    # per-epoch history on every fold, test metrics at the end
+    regression = config.data.task == "regression"
+    main_metric = "mae" if regression else "balanced_accuracy"
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "train/loss")
+        assert [m.step for m in history] == [0, 1]
+        for key in (
+            "val/loss",
+            f"val/{main_metric}",
+            "lr",
+            "train/samples_per_s",
+            f"test/{main_metric}",
+        ):
+            assert key in child.data.metrics, key
+        assert ("ortho/drift_max" in child.data.metrics) == (config.model.layer == "enn")
+        if config.training.mode == "local":
+            assert "train/block0_loss" in child.data.metrics
+            assert f"val/block0_{main_metric}" in child.data.metrics
+        expected = {
+            "predictions.csv",
+            "metrics.json",
+            "learning_curves.png",
+            "config.yaml",
+            "model_info.json",
+        }
+        if not regression:
+            expected |= {"confusion_matrix.png", "roc_curve.png"}
+        assert expected <= _artifacts(client, child.info.run_id)
+
+    # the fused model is logged with each fold and predicts volumes of the training shape
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(config.tracking.tracking_uri)
+    fused = mlflow.pytorch.load_model(f"runs:/{children[0].info.run_id}/model")
+    outputs = 1 if regression else 2
+    assert fused(torch.zeros(3, 1, 24, 24, 24)).shape == (3, outputs)
+    assert not any(hasattr(m, "lam") for m in fused.modules())
+
+    # the study summary on the parent, equal to the folds' mean
+    fold_values = [m[f"test/{main_metric}"] for m in result.fold_metrics.values()]
+    assert parent.data.metrics[f"study/{main_metric}_mean"] == pytest.approx(np.mean(fold_values))
+    assert f"study/{main_metric}_ci_low" in parent.data.metrics
+    assert {"config.yaml", "splits.tsv", "summary.json"} <= _artifacts(client, parent.info.run_id)
+
+    # plain files beside MLflow; the test fold was predicted once per image
+    study_dir = result.study_dir
+    splits = pd.read_csv(study_dir / "splits.tsv", sep="\t")
+    for fold in (0, 1):
+        predictions = pd.read_csv(study_dir / f"fold-{fold}" / "predictions.csv")
+        tested = set(splits[(splits.fold == fold) & (splits.role == "test")].subject_id)
+        assert set(predictions.subject_id) == tested
+        if not regression:
+            probabilities = predictions[["prob_control", "prob_patient"]].sum(axis=1)
+            assert np.allclose(probabilities, 1.0, atol=1e-5)
+        assert torch.load(study_dir / f"fold-{fold}" / "best.pt", weights_only=True)["format"] == 1
+
+
+def test_existing_study_needs_resume_and_resume_needs_a_study(tmp_path, demo_cohort, cache_dir):
+    config = load_config(tiny_config(tmp_path, demo_cohort, cache_dir, training={"epochs": 1}))
+    with pytest.raises(StudyError, match="nothing to resume"):
+        run_study(config, resume=True)
+    run_study(config)
+    with pytest.raises(StudyError, match="already holds a study: pass --resume"):
+        run_study(config)
+    changed = load_config(tiny_config(tmp_path, demo_cohort, cache_dir, training={"epochs": 2}))
+    with pytest.raises(StudyError, match="configuration differs"):
+        run_study(changed, resume=True)
+
+
+def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(
+    tmp_path, demo_cohort, cache_dir, monkeypatch
+):
+    config = load_config(tiny_config(tmp_path, demo_cohort, cache_dir, training={"epochs": 3}))
+    original = learner_module.Learner.train_step
+
+    def diverge_in_epoch_one(self, images, targets, where, step):
+        if "epoch 1," in where:
+            images = images * float("nan")
+        return original(self, images, targets, where, step)
+
+    monkeypatch.setattr(learner_module.Learner, "train_step", diverge_in_epoch_one)
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite loss \(nan\) at fold 0, epoch 1, step 0"
+    ):
+        run_study(config)
+
+    fold_dir = config.study.output_dir / config.study.name / "fold-0"
+    last = torch.load(fold_dir / "last.pt", weights_only=True)
+    assert last["loop"]["epoch"] == 1  # epoch 0 completed, epoch 1 never saved
+    assert all(
+        torch.isfinite(v).all() for v in last["training"]["model"].values() if v.is_floating_point()
+    )
+    _, parents, children = _runs(config.tracking.tracking_uri)
+    assert parents[0].info.status == "FAILED" and children[0].info.status == "FAILED"
+
+
+def _cv_command(config_path, *extra):
+    return [sys.executable, "-m", "enn_neuro", "-q", "cv", str(config_path), *extra]
+
+
+def test_kill_9_and_resume_finishes_with_the_same_metrics(tmp_path, demo_cohort, cache_dir):
+    sections = {"training": {"epochs": 3}}
+    environment = {**os.environ, "PYTHONHASHSEED": "0"}
+
+    # an uninterrupted reference
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    reference = tiny_config(reference_dir, demo_cohort, cache_dir, name="study", **sections)
+    subprocess.run(_cv_command(reference), check=True, env=environment, timeout=600)
+
+    # the same study, killed with SIGKILL once the first epoch of fold 1 is checkpointed
+    killed_dir = tmp_path / "killed"
+    killed_dir.mkdir()
+    killed = tiny_config(killed_dir, demo_cohort, cache_dir, name="study", **sections)
+    process = subprocess.Popen(_cv_command(killed), env=environment)
+    last = killed_dir / "runs" / "study" / "fold-1" / "last.pt"
+    deadline = time.monotonic() + 600
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the study finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    state = json.loads((killed_dir / "runs" / "study" / "study.json").read_text())
+    assert (
+        state["folds"]["0"]["status"] == "finished" and state["folds"]["1"]["status"] == "running"
+    )
+
+    subprocess.run(_cv_command(killed, "--resume"), check=True, env=environment, timeout=600)
+
+    for fold in (0, 1):
+        expected = json.loads(
+            (reference_dir / "runs" / "study" / f"fold-{fold}" / "metrics.json").read_text()
+        )
+        actual = json.loads(
+            (killed_dir / "runs" / "study" / f"fold-{fold}" / "metrics.json").read_text()
+        )
+        assert actual.keys() == expected.keys()
+        for key, value in expected.items():
+            assert (math.isnan(value) and math.isnan(actual[key])) or actual[key] == pytest.approx(
+                value, abs=1e-6
+            ), key
+
+    # the resumed study continued the same MLflow runs
+    resumed_state = json.loads((killed_dir / "runs" / "study" / "study.json").read_text())
+    assert resumed_state["parent_run_id"] == state["parent_run_id"]
+    assert resumed_state["folds"]["1"]["run_id"] == state["folds"]["1"]["run_id"]
+    _, parents, children = _runs(f"sqlite:///{killed_dir / 'mlflow.db'}")
+    assert len(parents) == 1 and len(children) == 2
+    assert all(r.info.status == "FINISHED" for r in parents + children)

@@ -116,13 +116,9 @@ def _enn_from_plain(layer: nn.Module, rank: int | None) -> ENNLayer:
             layer.in_channels,
             layer.out_channels,
             layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=layer.groups,
             bias=has_bias,
-            padding_mode=layer.padding_mode,
             rank=new_rank,
+            **_conv_arguments(layer),
             **factory,
         )
     # built on the meta device so that no throw-away initialisation (and SVD) is computed
@@ -146,12 +142,8 @@ def _plain_from_enn(layer: ENNLayer) -> nn.Module:
             layer.in_channels,
             layer.out_channels,
             layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=layer.groups,
             bias=has_bias,
-            padding_mode=layer.padding_mode,
+            **_conv_arguments(layer),
             **factory,
         )
     plain = plain.to_empty(device=layer.Q.device)
@@ -160,3 +152,14 @@ def _plain_from_enn(layer: ENNLayer) -> nn.Module:
         plain.bias.copy_(layer.bias)
     plain.train(layer.training)
     return plain
+
+
+def _conv_arguments(layer: nn.Module) -> dict:
+    """The constructor keywords that torch and ENN convolutions share, read off ``layer``."""
+    return {
+        "stride": layer.stride,
+        "padding": layer.padding,
+        "dilation": layer.dilation,
+        "groups": layer.groups,
+        "padding_mode": layer.padding_mode,
+    }

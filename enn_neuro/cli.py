@@ -21,6 +21,8 @@ __all__ = ["main"]
 
 logger = logging.getLogger("enn_neuro")
 
+DEMO_SUBJECTS = 100
+DEMO_EFFECT_SIZE = 2.5  # at 1.5 the demo CNN, with 64 training subjects, stays near chance
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_FAILED = 3
 
@@ -69,7 +71,9 @@ def _demo(args: argparse.Namespace) -> int:
     cohort_dir = workdir / "cohort"
     if not (cohort_dir / "participants.tsv").exists():
         logger.info("writing the demo cohort (%d subjects) to %s", args.subjects, cohort_dir)
-        write_demo_cohort(cohort_dir, n_subjects=args.subjects, seed=args.seed)
+        write_demo_cohort(
+            cohort_dir, n_subjects=args.subjects, seed=args.seed, effect_size=args.effect_size
+        )
     overrides = [
         f"data.cohort={cohort_dir}",
         f"study.output_dir={workdir / 'runs'}",
@@ -212,8 +216,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--workdir", default="enn-demo", help="folder for cohort, cache, runs and mlflow.db"
     )
-    demo.add_argument("--subjects", type=int, default=60, help="subjects of the demo cohort")
+    demo.add_argument(
+        "--subjects", type=int, default=DEMO_SUBJECTS, help="subjects of the demo cohort"
+    )
     demo.add_argument("--seed", type=int, default=0, help="seed of the demo cohort")
+    demo.add_argument(
+        "--effect-size",
+        type=float,
+        default=DEMO_EFFECT_SIZE,
+        help="size of the patient effect in the demo cohort (0: none)",
+    )
     demo.add_argument("--config", help="study config (default: the packaged demo.yaml)")
     study_options(demo)
     demo.set_defaults(handler=_demo)

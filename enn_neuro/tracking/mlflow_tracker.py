@@ -128,16 +128,23 @@ class StudyTracker:
         with torch.no_grad():
             output = model(torch.from_numpy(example_input)).numpy()
         signature = infer_signature(example_input, output)
-        # MLflow's log_model logs into the active run; reopen this fold's run just for it
-        with mlflow.start_run(run_id=run_id):
-            mlflow.pytorch.log_model(
-                model,
-                name="model",
-                signature=signature,
-                # MLflow's default 'pt2' format traces one input shape; the traced ResNet then
-                # fails on another batch size (torch 2.13, MLflow 3.17): pickle the module
-                serialization_format="pickle",
-                # inferring requirements imports and inspects the environment: slow, and the
-                # model only needs torch and this package
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "enn-neuro"],
-            )
+        # MLflow's log_model logs into the active run; reopen this fold's run just for it. Its
+        # warning about pickle is for models of unknown origin; this one is our own
+        pytorch_logger = logging.getLogger("mlflow.pytorch")
+        previous_level = pytorch_logger.level
+        pytorch_logger.setLevel(logging.ERROR)
+        try:
+            with mlflow.start_run(run_id=run_id):
+                mlflow.pytorch.log_model(
+                    model,
+                    name="model",
+                    signature=signature,
+                    # MLflow's default 'pt2' format traces one input shape; the traced ResNet then
+                    # fails on another batch size (torch 2.13, MLflow 3.17): pickle the module
+                    serialization_format="pickle",
+                    # inferring requirements imports and inspects the environment: slow, and the
+                    # model only needs torch and this package
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "enn-neuro"],
+                )
+        finally:
+            pytorch_logger.setLevel(previous_level)

@@ -130,6 +130,8 @@ class TrainingConfig(_Section):
     amp: bool = True
     device: str = "auto"
     local: LocalConfig = LocalConfig()
+    stage_parallel: bool = False
+    dist_timeout_s: float = Field(600.0, gt=0)
     log_every: int = Field(10, ge=1)
 
     @field_validator("device")
@@ -184,6 +186,10 @@ class Config(_Section):
         metric = self.training.selection_metric
         if metric is not None:
             selection_direction(metric)
+        if self.training.stage_parallel and self.training.mode != "local":
+            raise ValueError(
+                f"training.stage_parallel needs training.mode 'local', got {self.training.mode!r}"
+            )
         return self
 
     def resolved(self) -> dict[str, Any]:

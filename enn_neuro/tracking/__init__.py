@@ -1,5 +1,5 @@
 """Experiment tracking: MLflow runs for studies (parent) and folds (children)."""
 
-from enn_neuro.tracking.mlflow_tracker import StudyTracker
+from enn_neuro.tracking.mlflow_tracker import NullTracker, StudyTracker
 
-__all__ = ["StudyTracker"]
+__all__ = ["NullTracker", "StudyTracker"]

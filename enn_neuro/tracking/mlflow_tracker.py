@@ -23,7 +23,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 
-__all__ = ["StudyTracker"]
+__all__ = ["NullTracker", "StudyTracker"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,3 +148,13 @@ class StudyTracker:
                 )
         finally:
             pytorch_logger.setLevel(previous_level)
+
+
+class NullTracker:
+    """Stands in for :class:`StudyTracker` on ranks other than 0: every call does nothing."""
+
+    def start_run(self, name: str, run_id: str | None = None, *args, **kwargs) -> str:
+        return run_id or ""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None

@@ -25,6 +25,7 @@ from torch import nn
 from enn_neuro.config import Config
 from enn_neuro.enn import orthogonality_drift, retract_, scheduled_penalty
 from enn_neuro.models import create_model, split_model
+from enn_neuro.training.distributed import DistributedContext
 
 __all__ = ["Learner", "NonFiniteLossError", "StepResult", "resolve_device"]
 
@@ -71,8 +72,10 @@ class Learner:
         device: torch.device,
         target_mean: float = 0.0,
         target_std: float = 1.0,
+        context: DistributedContext | None = None,
     ) -> None:
         self.config = config
+        self.context = context or DistributedContext()
         self.task = config.data.task
         self.device = device
         self.target_mean = float(target_mean)
@@ -88,6 +91,9 @@ class Learner:
             base_width=model_config.base_width,
             zero_init_residual=model_config.zero_init_residual,
         ).to(device)
+        if self.context.enabled and device.type == "cuda" and model_config.norm == "batch":
+            # batch statistics over the global batch, as one process would compute them
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
 
         # parameter groups: the whole model (bp) or one per local block
         training = config.training
@@ -102,11 +108,23 @@ class Learner:
             self.heads = nn.ModuleList()
             groups = [list(self.model.parameters())]
         self.optimizers = [_optimizer(group, config) for group in groups]
+
+        # what the steps run: DDP wrappers averaging gradients over ranks, or the modules
+        self.train_model = self._data_parallel(self.model)
+        self.train_blocks = (
+            None if self.blocks is None else [self._data_parallel(b) for b in self.blocks]
+        )
         self.schedulers = [_scheduler(optimizer, config) for optimizer in self.optimizers]
         use_fp16 = training.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
         self.amp_dtype = torch.float16 if use_fp16 else torch.bfloat16
         self.use_amp = training.amp and device.type == "cuda"
+
+    def _data_parallel(self, module: nn.Module) -> nn.Module:
+        if not self.context.enabled:
+            return module
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
     @property
     def num_blocks(self) -> int:
@@ -134,16 +152,15 @@ class Learner:
             result = self._bp_step(images, targets, where, step)
         else:
             result = self._local_step(images, targets, where, step)
-        if self.config.training.retract:
+        if self.config.training.retract and self.blocks is None:
             retract_(self.model)
-            retract_(self.heads)
         return result
 
     def _bp_step(self, images, targets, where, step) -> StepResult:
         optimizer = self.optimizers[0]
         optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            task_loss = self.task_loss(self.model(images), targets)
+            task_loss = self.task_loss(self.train_model(images), targets)
         penalty = self._penalty(self.model, step)
         loss = task_loss + penalty
         _check_finite(loss, where)
@@ -153,22 +170,54 @@ class Learner:
     def _local_step(self, images, targets, where, step) -> StepResult:
         features = images
         block_losses, total, penalties = [], 0.0, 0.0
-        for index, (block, optimizer) in enumerate(zip(self.blocks, self.optimizers, strict=True)):
-            # a detached input: no gradient crosses the boundary, and the previous block's
-            # graph is already freed by its own backward pass
-            block_input = features.detach()
-            optimizer.zero_grad(set_to_none=True)
-            with self._autocast():
-                features, logits = block(block_input)
-                task_loss = self.task_loss(logits, targets)
-            penalty = self._penalty(block, step)
-            loss = task_loss + penalty
-            _check_finite(loss, f"{where}, block {index}")
-            self._backward_and_step(loss, optimizer, block.parameters())
-            block_losses.append(task_loss.item())
-            total += loss.item()
-            penalties += _value(penalty)
+        for index in range(self.num_blocks):
+            features, task_loss, penalty = self.local_block_step(
+                index, features, targets, where, step
+            )
+            block_losses.append(task_loss)
+            total += task_loss + penalty
+            penalties += penalty
         return StepResult(total, block_losses[-1], penalties, block_losses)
+
+    def local_block_step(
+        self, index: int, block_input: torch.Tensor, targets: torch.Tensor, where: str, step: int
+    ) -> tuple[torch.Tensor, float, float]:
+        """One local update of block ``index`` on its (detached) input.
+
+        Args:
+            index: Which block.
+            block_input: The previous block's output (or the images), ``(B, C, *S)``.
+            targets: ``(B,)``.
+            where: Location for the error message of a non-finite loss.
+            step: Global step index (drives the penalty schedule).
+
+        Returns:
+            The block's output, detached (the next block's input), its task loss and its
+            weighted penalty.
+
+        Raises:
+            NonFiniteLossError: If the block's loss is NaN or infinite (nothing is updated).
+        """
+        block, optimizer = self.blocks[index], self.optimizers[index]
+        self._set_training(True)
+        # a detached input: no gradient crosses the boundary, and the previous block's graph
+        # is already freed by its own backward pass
+        block_input = block_input.detach()
+        optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            features, logits = self.train_blocks[index](block_input)
+            task_loss = self.task_loss(logits, targets)
+        penalty = self._penalty(block, step)
+        loss = task_loss + penalty
+        _check_finite(loss, f"{where}, block {index}")
+        self._backward_and_step(loss, optimizer, block.parameters())
+        # free this block's gradients now: kept until its next step, every block's would sit
+        # in memory while the others train (0.875× bp peak memory instead of 0.555×,
+        # benchmarks/memory_local_vs_bp.py)
+        optimizer.zero_grad(set_to_none=True)
+        if self.config.training.retract:
+            retract_(block)
+        return features.detach(), task_loss.item(), _value(penalty)
 
     def _backward_and_step(self, loss, optimizer, parameters) -> None:
         self.scaler.scale(loss).backward()

@@ -16,11 +16,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
+
+if TYPE_CHECKING:
+    from enn_neuro.training.pipeline import StagePipeline
 
 from enn_neuro.training.checkpoint import (
     capture_rng_state,
@@ -28,6 +32,7 @@ from enn_neuro.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from enn_neuro.training.distributed import DistributedContext
 from enn_neuro.training.learner import Learner
 from enn_neuro.training.metrics import (
     classification_metrics,
@@ -122,6 +127,8 @@ def fit(
     classes: Sequence[str],
     log_epoch: Callable[[dict[str, float], int], None],
     resume: bool = False,
+    context: DistributedContext | None = None,
+    pipeline: StagePipeline | None = None,
 ) -> FitResult:
     """Trains until the epoch budget or early stopping; keeps ``last.pt`` and ``best.pt``.
 
@@ -134,6 +141,9 @@ def fit(
         classes: Class names (classification), empty for regression.
         log_epoch: Receives each epoch's metrics and the epoch index (MLflow, logs).
         resume: Continue from ``fold_dir/last.pt`` if present.
+        context: The ranks (the learner's when ``None``); rank 0 logs and checkpoints.
+        pipeline: Stage-parallel local mode: each rank trains its own blocks, and rank 0
+            validates the gathered network.
 
     Returns:
         The best epoch and score, and the history.
@@ -143,6 +153,8 @@ def fit(
     """
     config = learner.config
     training = config.training
+    context = context or learner.context
+    main = context.is_main
     metric = training.selection_metric or _default_metric(config.data.task)
     higher_is_better = selection_direction(metric)
     last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
@@ -167,14 +179,24 @@ def fit(
         epoch = state["epoch"]
 
         # train
-        seed_everything(epoch_seed(config.study.seed, fold, epoch))
-        if train_loader.generator is not None:
-            train_loader.generator.manual_seed(epoch_seed(config.study.seed, fold, epoch))
-        train_stats, state["global_step"] = train_one_epoch(
-            learner, train_loader, fold, epoch, state["global_step"]
-        )
+        seed = epoch_seed(config.study.seed, fold, epoch)
+        seed_everything(seed + context.rank)  # augmentation differs across ranks
+        train_loader.sampler.set_seed(seed)  # the permutation does not: Note [global batch]
+        if pipeline is None:
+            train_stats, state["global_step"] = train_one_epoch(
+                learner, train_loader, fold, epoch, state["global_step"]
+            )
+        else:
+            train_stats, state["global_step"] = pipeline.train_epoch(
+                train_loader, fold, epoch, state["global_step"]
+            )
+            train_stats = pipeline.collect(train_stats)
         learning_rate = learner.learning_rate
         learner.end_epoch()
+        state["epoch"] = epoch + 1
+        if pipeline is not None and not main:
+            state = context.broadcast(None)  # rank 0 validates and decides
+            continue
 
         # validate
         val_metrics = evaluate(learner, predict_loader(learner, val_loader), classes, prefix="val/")
@@ -184,6 +206,7 @@ def fit(
         )
         if improved:
             state.update(best_score=score, best_epoch=epoch, stale_epochs=0)
+        if improved and main:
             save_checkpoint(
                 {
                     "format": CHECKPOINT_FORMAT,
@@ -201,7 +224,7 @@ def fit(
                 },
                 best_path,
             )
-        else:
+        if not improved:
             state["stale_epochs"] += 1
         if training.patience is not None and state["stale_epochs"] >= training.patience:
             state["stopped_early"] = True
@@ -217,9 +240,12 @@ def fit(
             f"best/val_{metric}": state["best_score"],
         }
         state["history"].append({k: float(v) for k, v in epoch_metrics.items()})
+        if pipeline is not None:
+            context.broadcast(state)
+        if not main:
+            continue
         log_epoch(epoch_metrics, epoch)
         _log_epoch_line(fold, epoch, training.epochs, epoch_metrics, metric)
-        state["epoch"] = epoch + 1
         save_checkpoint(
             {
                 "format": CHECKPOINT_FORMAT,
@@ -231,6 +257,7 @@ def fit(
             last_path,
         )
 
+    context.barrier()  # best.pt is complete before any rank reads it
     if state["stopped_early"]:
         logger.info(
             "fold %d: early stop after epoch %d (best %s %.4f at epoch %d)",
@@ -320,12 +347,34 @@ def predict_loader(learner: Learner, loader: DataLoader) -> Predictions:
         session_ids += list(batch["session_id"])
         images += list(batch["image_path"])
         targets.append(batch["label"].cpu().numpy())
-    return Predictions(
+    local = Predictions(
         subject_ids=subject_ids,
         session_ids=session_ids,
         images=images,
-        targets=np.concatenate(targets),
+        targets=np.concatenate(targets) if targets else np.zeros(0),
         outputs=[np.concatenate(store) for store in outputs],
+    )
+    return _merge_shards(learner.context.all_gather(local))
+
+
+def _merge_shards(shards: list[Predictions]) -> Predictions:
+    """Undoes :class:`ShardSampler`: rank r predicted items r, r + W, r + 2W, ..."""
+    if len(shards) == 1:
+        return shards[0]
+    world = len(shards)
+    total = sum(len(s.subject_ids) for s in shards)
+    order = [(index % world, index // world) for index in range(total)]  # (rank, position)
+
+    def pick(values_of):
+        return [values_of(shards[rank])[position] for rank, position in order]
+
+    heads = next(len(s.outputs) for s in shards if s.subject_ids)
+    return Predictions(
+        subject_ids=pick(lambda s: s.subject_ids),
+        session_ids=pick(lambda s: s.session_ids),
+        images=pick(lambda s: s.images),
+        targets=np.array(pick(lambda s: s.targets)),
+        outputs=[np.stack(pick(lambda s, h=h: s.outputs[h])) for h in range(heads)],
     )
 
 

@@ -35,10 +35,17 @@ from enn_neuro.data.dataset import make_dataset
 from enn_neuro.data.splits import check_leakage, make_splits, read_split_table, write_split_table
 from enn_neuro.data.validation import ValidationReport, validate_cohort
 from enn_neuro.enn import to_plain
-from enn_neuro.tracking import StudyTracker
-from enn_neuro.training.learner import Learner, NonFiniteLossError, resolve_device
+from enn_neuro.tracking import NullTracker, StudyTracker
+from enn_neuro.training.distributed import (
+    DistributedContext,
+    EpochSampler,
+    ShardSampler,
+    init_distributed,
+)
+from enn_neuro.training.learner import Learner, NonFiniteLossError
 from enn_neuro.training.loop import epoch_seed, evaluate, fit, predict_loader, seed_everything
 from enn_neuro.training.metrics import classification_metrics, summarize_folds
+from enn_neuro.training.pipeline import StagePipeline
 from enn_neuro.training.plots import plot_confusion_matrix, plot_learning_curves, plot_roc_curve
 
 __all__ = ["StudyError", "StudyResult", "prepare_cohort", "run_study"]
@@ -90,10 +97,18 @@ def run_study(
         StudyError: The directory holds another study, or there is nothing to resume.
         NonFiniteLossError: A loss diverged; the runs are marked failed.
     """
-    # checks before any work
+    # checks before any work (every rank reads; only rank 0 writes, after the barrier)
+    context, device = init_distributed(config.training.device, config.training.dist_timeout_s)
+    main = context.is_main
+    if config.training.stage_parallel and not context.enabled:
+        raise ValueError(
+            "training.stage_parallel needs one process per stage: launch with "
+            "torchrun --nproc-per-node K -m enn_neuro ..."
+        )
     cohort, report = prepare_cohort(config)
     study_dir = config.study.output_dir / config.study.name
-    state = _open_study(study_dir, config, resume)
+    state = _check_study(study_dir, config, resume)
+    context.barrier()
     if config.data.split_table:
         splits = read_split_table(config.data.split_table, cohort)
     else:
@@ -110,15 +125,21 @@ def run_study(
     unknown = sorted(set(folds) - set(all_folds))
     if unknown:
         raise ValueError(f"folds {unknown} do not exist; the splits have folds {all_folds}")
-    save_config(config, study_dir / "config.yaml")
-    write_split_table(splits, study_dir / "splits.tsv")
+    if main:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, study_dir / "config.yaml")
+        write_split_table(splits, study_dir / "splits.tsv")
 
-    # the parent run
-    tracker = StudyTracker(config.tracking.tracking_uri, config.tracking.experiment)
+    # the parent run (rank 0 only)
+    tracker = (
+        StudyTracker(config.tracking.tracking_uri, config.tracking.experiment)
+        if main
+        else NullTracker()
+    )
     tags = _tags(config, report)
     parent_id = tracker.start_run(config.study.name, state.get("parent_run_id"), tags=tags)
     state["parent_run_id"] = parent_id
-    _write_state(study_dir, state)
+    _write_state(study_dir, state, main)
     tracker.log_params(parent_id, flatten(config.resolved()))
     tracker.set_tags(parent_id, tags)
     tracker.log_artifact(parent_id, study_dir / "config.yaml")
@@ -138,24 +159,36 @@ def run_study(
                 f"{config.study.name}-fold{fold}", fold_state.get("run_id"), parent_id, tags
             )
             fold_state.update(run_id=run_id, status="running")
-            _write_state(study_dir, state)
+            _write_state(study_dir, state, main)
             try:
                 fold_metrics[fold] = _run_fold(
-                    config, cohort, splits, fold, study_dir, tracker, run_id, resume
+                    config,
+                    cohort,
+                    splits,
+                    fold,
+                    study_dir,
+                    tracker,
+                    run_id,
+                    resume,
+                    context,
+                    device,
                 )
             except BaseException as err:
                 status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
                 tracker.end_run(run_id, status)
                 raise
             fold_state["status"] = "finished"
-            _write_state(study_dir, state)
+            _write_state(study_dir, state, main)
             tracker.end_run(run_id)
+            context.barrier()
     except (NonFiniteLossError, KeyboardInterrupt, Exception) as err:
         tracker.end_run(parent_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
 
     # the study summary, on the parent run
     summary = summarize_folds([fold_metrics[f] for f in sorted(fold_metrics)])
+    if not main:
+        return StudyResult(study_dir, parent_id, fold_metrics, summary)
     (study_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     study_metrics = {}
     for name, values in summary.items():
@@ -177,9 +210,13 @@ def _run_fold(
     tracker: StudyTracker,
     run_id: str,
     resume: bool,
+    context: DistributedContext,
+    device: torch.device,
 ) -> dict[str, float]:
+    main = context.is_main
     fold_dir = study_dir / f"fold-{fold}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        fold_dir.mkdir(parents=True, exist_ok=True)
     part = splits[splits["fold"] == fold]
     subjects = {
         role: part.loc[part["role"] == role, "subject_id"].tolist()
@@ -196,11 +233,13 @@ def _run_fold(
     tracker.log_artifact(run_id, study_dir / "config.yaml")
 
     # data
-    loaders = _loaders(config, cohort, subjects, fold)
+    # stage-parallel ranks split the network, not the data: each holds a plain learner
+    stage_parallel = config.training.stage_parallel
+    learner_context = DistributedContext() if stage_parallel else context
+    loaders = _loaders(config, cohort, subjects, learner_context)
 
     # model: regression targets are z-scored with the training subjects' statistics only
     seed_everything(epoch_seed(config.study.seed, fold, -1))
-    device = resolve_device(config.training.device)
     classes = cohort.classes
     num_outputs = len(classes) if config.data.task == "classification" else 1
     train_targets = [float(s["label"]) for s in cohort.to_samples(subjects["train"])]
@@ -210,15 +249,31 @@ def _run_fold(
         device,
         target_mean=float(np.mean(train_targets)),
         target_std=float(np.std(train_targets)),
+        context=learner_context,
     )
+    pipeline = None
+    if stage_parallel:
+        input_shape = (config.training.batch_size, 1, *config.preprocessing.shape)
+        pipeline = StagePipeline(learner, context, input_shape)
 
     # train, selecting on validation only
     def log_epoch(metrics: dict[str, float], epoch: int) -> None:
         tracker.log_metrics(run_id, metrics, step=epoch)
 
     result = fit(
-        learner, loaders["train"], loaders["val"], fold, fold_dir, classes, log_epoch, resume
+        learner,
+        loaders["train"],
+        loaders["val"],
+        fold,
+        fold_dir,
+        classes,
+        log_epoch,
+        resume,
+        context=context,
+        pipeline=pipeline,
     )
+    if stage_parallel and not main:
+        return {}  # rank 0 holds the gathered network and tests it
 
     # test: once, with the best model
     best = torch.load(fold_dir / "best.pt", map_location=device, weights_only=True)
@@ -226,6 +281,8 @@ def _run_fold(
     predictions = predict_loader(learner, loaders["test"])
     test_metrics = evaluate(learner, predictions, classes, prefix="test/")
     test_metrics["best_epoch"] = result.best_epoch
+    if not main:
+        return test_metrics
     table = predictions.table(config.data.task, classes)
     table.to_csv(fold_dir / "predictions.csv", index=False)
     (fold_dir / "metrics.json").write_text(json.dumps(test_metrics, indent=2))
@@ -270,7 +327,10 @@ def _run_fold(
     return test_metrics
 
 
-def _loaders(config: Config, cohort: Cohort, subjects: dict[str, list[str]], fold: int) -> dict:
+def _loaders(
+    config: Config, cohort: Cohort, subjects: dict[str, list[str]], context: DistributedContext
+) -> dict[str, DataLoader]:
+    """Training batches sharded as in ``Note [global batch]``; evaluation in ordered shards."""
     data, training = config.data, config.training
     augmentation = config.augmentation if config.augmentation.enabled else None
     eval_batch = training.eval_batch_size or training.batch_size
@@ -282,21 +342,25 @@ def _loaders(config: Config, cohort: Cohort, subjects: dict[str, list[str]], fol
             augmentation if role == "train" else None,
             data.cache_dir,
         )
-        generator = torch.Generator().manual_seed(epoch_seed(config.study.seed, fold, 0))
+        if role == "train":
+            sampler = EpochSampler(len(dataset), training.batch_size, context)
+            batch_size = training.batch_size // context.world_size
+        else:
+            sampler = ShardSampler(len(dataset), context)
+            batch_size = eval_batch
         loaders[role] = DataLoader(
             dataset,
-            batch_size=training.batch_size if role == "train" else eval_batch,
-            shuffle=role == "train",
-            drop_last=role == "train" and len(dataset) > training.batch_size,
+            batch_size=batch_size,
+            sampler=sampler,
             num_workers=data.num_workers,
             pin_memory=torch.cuda.is_available(),
-            generator=generator if role == "train" else None,
             persistent_workers=data.num_workers > 0,
         )
     return loaders
 
 
-def _open_study(study_dir: Path, config: Config, resume: bool) -> dict[str, Any]:
+def _check_study(study_dir: Path, config: Config, resume: bool) -> dict[str, Any]:
+    """The study's saved state when resuming, a fresh one otherwise; reads, never writes."""
     state_path = study_dir / "study.json"
     if resume:
         if not state_path.exists():
@@ -313,11 +377,12 @@ def _open_study(study_dir: Path, config: Config, resume: bool) -> dict[str, Any]
             f"study directory {study_dir} already holds a study: pass --resume to continue it, "
             "or choose another study.name or study.output_dir"
         )
-    study_dir.mkdir(parents=True, exist_ok=True)
     return {"config_fingerprint": config.fingerprint(), "folds": {}}
 
 
-def _write_state(study_dir: Path, state: dict[str, Any]) -> None:
+def _write_state(study_dir: Path, state: dict[str, Any], main: bool) -> None:
+    if not main:
+        return
     path = study_dir / "study.json"
     temporary = path.with_name(f".study.json.tmp-{os.getpid()}")
     temporary.write_text(json.dumps(state, indent=2))

@@ -1,0 +1,175 @@
+"""torch.distributed for studies: process groups, sharded sampling, gathering predictions.
+
+A study launched by ``torchrun --nproc-per-node N -m enn_neuro cv ...`` (or with a machine
+list for several nodes) finds ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in its environment and
+joins a process group: NCCL on GPUs, gloo on CPUs. Every rank runs the same study; only rank
+0 writes checkpoints and talks to MLflow.
+
+Note [global batch]:
+    ``training.batch_size`` is the global batch. Each epoch draws one permutation of the
+    training set from the epoch's seed; rank r takes every W-th index starting at r and
+    batches of ``batch_size / W``. The union of the ranks' k-th batches is then exactly the
+    k-th global batch a single process would draw, and DDP's gradient average equals the
+    gradient of the global batch's mean loss, so 1 and N processes train the same model up
+    to float summation order (and BatchNorm statistics, which are per process on the CPU).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+__all__ = [
+    "DistributedContext",
+    "EpochSampler",
+    "ShardSampler",
+    "init_distributed",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process stands: its rank among ``world_size`` processes.
+
+    Attributes:
+        rank: Global rank (0 for a single process).
+        world_size: Number of processes (1 for a single process).
+        local_rank: Rank on this machine (picks the GPU).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a process group is in use."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process logs, writes checkpoints and tracks (rank 0)."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Waits for every rank (no-op for one process)."""
+        if self.enabled:
+            dist.barrier()
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` on every rank (any picklable object)."""
+        if not self.enabled:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def all_gather(self, value) -> list:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if not self.enabled:
+            return [value]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+
+def init_distributed(
+    device_name: str, timeout_s: float = 600.0
+) -> tuple[DistributedContext, torch.device]:
+    """Joins the process group described by torchrun's environment, if there is one.
+
+    Args:
+        device_name: ``training.device``; with CUDA each process takes ``cuda:LOCAL_RANK``.
+        timeout_s: How long a collective waits for a missing rank before failing (a rank
+            that died makes the others fail instead of hanging).
+
+    Returns:
+        The context and this process's device.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        from enn_neuro.training.learner import resolve_device
+
+        return DistributedContext(), resolve_device(device_name)
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    logger.info("rank %d of %d on %s (%s)", rank, world_size, device, dist.get_backend())
+    return DistributedContext(rank, world_size, local_rank), device
+
+
+class EpochSampler(Sampler[int]):
+    """This rank's share of one seeded permutation per epoch (see ``Note [global batch]``).
+
+    Args:
+        size: Number of training samples.
+        global_batch: ``training.batch_size``; a multiple of ``world_size``.
+        context: The distributed context.
+        drop_last: Drop the incomplete last global batch (when there is more than one batch).
+
+    Raises:
+        ValueError: If the global batch does not divide among the ranks.
+    """
+
+    def __init__(
+        self, size: int, global_batch: int, context: DistributedContext, drop_last: bool = True
+    ) -> None:
+        if global_batch % context.world_size:
+            raise ValueError(
+                f"training.batch_size ({global_batch}) must be a multiple of the number of "
+                f"processes ({context.world_size})"
+            )
+        self.size = size
+        self.global_batch = global_batch
+        self.context = context
+        usable = size
+        if drop_last and size > global_batch:
+            usable = size // global_batch * global_batch
+        # every rank takes the same number of samples, so that no rank waits in a collective
+        self.per_rank = usable // context.world_size
+        self.seed = 0
+
+    def set_seed(self, seed: int) -> None:
+        """The epoch's seed: the permutation is a function of it alone."""
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(self.size, generator=generator)
+        share = order[self.context.rank :: self.context.world_size][: self.per_rank]
+        return iter(share.tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + W, ...`` in order: evaluation shards, gathered afterwards."""
+
+    def __init__(self, size: int, context: DistributedContext) -> None:
+        self.indices = list(range(context.rank, size, context.world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

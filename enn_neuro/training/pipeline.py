@@ -1,0 +1,267 @@
+"""Stage-parallel local mode: each rank trains its own group of local blocks, at once.
+
+In local mode (ENN-ℓ) no gradient crosses a block boundary, so the blocks need not wait for
+each other: rank k owns a contiguous group of blocks, receives each batch's activations (and
+targets) from rank k − 1, takes a local step on each of its blocks, and sends its output to
+rank k + 1. Nothing is sent backwards. Sends are asynchronous, so while rank 1 works on batch
+t, rank 0 is already on batch t + 1: with K ranks and balanced groups, an epoch takes about
+1/K of the sequential time once the pipeline is full.
+
+Blocks are grouped by measured cost (one timed training step per block on this input
+shape), not by count: the stem and first stage of a 3D ResNet cost several times the last.
+
+At every epoch's end the ranks send their blocks' weights and optimizer states to rank 0,
+which then holds the whole network in the same checkpoint format as sequential local mode,
+validates it, logs and writes the checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from enn_neuro.training.distributed import DistributedContext
+from enn_neuro.training.learner import Learner
+
+__all__ = ["StagePipeline", "balanced_groups"]
+
+logger = logging.getLogger(__name__)
+
+_HEADER_SIZE = 6  # batch, channels, and up to 3 spatial sizes, plus a spare
+
+
+def balanced_groups(costs: Sequence[float], parts: int) -> list[list[int]]:
+    """Cuts ``costs`` into ``parts`` contiguous groups minimising the largest group's sum.
+
+    Args:
+        costs: Cost of each block, in order.
+        parts: Number of groups (ranks); at most ``len(costs)``.
+
+    Returns:
+        Block indices of each group, in order.
+
+    Raises:
+        ValueError: If there are fewer blocks than groups.
+    """
+    n = len(costs)
+    if not 1 <= parts <= n:
+        raise ValueError(f"cannot cut {n} local blocks into {parts} stages (one per rank)")
+    prefix = [0.0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+    # best[p][i]: smallest possible largest-group cost splitting blocks[:i] into p groups
+    infinity = float("inf")
+    best = [[infinity] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0.0
+    for p in range(1, parts + 1):
+        for i in range(p, n + 1):
+            for j in range(p - 1, i):
+                candidate = max(best[p - 1][j], prefix[i] - prefix[j])
+                if candidate < best[p][i]:
+                    best[p][i], cut[p][i] = candidate, j
+    groups, end = [], n
+    for p in range(parts, 0, -1):
+        start = cut[p][end]
+        groups.append(list(range(start, end)))
+        end = start
+    return groups[::-1]
+
+
+class StagePipeline:
+    """Runs a learner's local blocks as a forward-only pipeline over the ranks.
+
+    Args:
+        learner: A local-mode learner built for a single process (no DDP); every rank holds
+            the whole network but updates only its own blocks.
+        context: The ranks; one stage per rank.
+        input_shape: ``(B, C, *S)`` of a training batch, to measure block costs.
+    """
+
+    def __init__(
+        self, learner: Learner, context: DistributedContext, input_shape: Sequence[int]
+    ) -> None:
+        if learner.blocks is None:
+            raise ValueError("stage-parallel training needs training.mode: local")
+        if not context.enabled:
+            raise ValueError("stage-parallel training needs several processes (torchrun)")
+        self.learner = learner
+        self.context = context
+        costs = context.broadcast(_block_costs(learner, input_shape) if context.is_main else None)
+        self.groups = balanced_groups(costs, context.world_size)
+        self.mine = self.groups[context.rank]
+        if context.is_main:
+            shares = [sum(costs[i] for i in group) / sum(costs) for group in self.groups]
+            logger.info(
+                "stage-parallel: block costs %s s, groups %s, shares %s",
+                [round(c, 4) for c in costs],
+                self.groups,
+                [round(s, 3) for s in shares],
+            )
+
+    def train_epoch(
+        self, loader: DataLoader, fold: int, epoch: int, global_step: int
+    ) -> tuple[dict[str, float], int]:
+        """One epoch: rank 0 reads batches, every rank trains its blocks, activations flow on."""
+        context, learner = self.context, self.learner
+        rank, last_rank = context.rank, context.world_size - 1
+        steps = context.broadcast(len(loader) if context.is_main else None)
+        batches = iter(loader) if context.is_main else None
+        totals = {index: 0.0 for index in self.mine}
+        pending: list = []  # sends in flight, with the tensors they read
+        waited = samples = 0.0
+        start = time.perf_counter()
+        for step in range(steps):
+            # this stage's input: a batch from the loader, or the previous stage's output
+            wait_start = time.perf_counter()
+            if rank == 0:
+                batch = next(batches)
+                features = batch["image"].to(learner.device)  # (B, 1, D, H, W)
+                targets = batch["label"].to(learner.device)  # (B,)
+            else:
+                features, targets = _receive(rank - 1, learner.device, learner.task)
+            waited += time.perf_counter() - wait_start
+
+            # a local step on each block of this stage
+            where = f"fold {fold}, epoch {epoch}, step {step}"
+            for index in self.mine:
+                features, task_loss, _ = learner.local_block_step(
+                    index, features, targets, where, global_step
+                )
+                totals[index] += task_loss
+
+            # pass on: asynchronous, nothing comes back
+            if rank < last_rank:
+                pending = [w for w in pending if not w[0].is_completed()]
+                pending.append(_send(features.detach(), targets, rank + 1))
+            samples += features.shape[0]
+            global_step += 1
+        for work, *_ in pending:
+            work.wait()
+
+        elapsed = time.perf_counter() - start
+        stats = {f"train/block{i}_loss": total / max(steps, 1) for i, total in totals.items()}
+        stats[f"train/stage{rank}_wait_s"] = waited
+        stats[f"train/stage{rank}_busy_share"] = 1 - waited / max(elapsed, 1e-9)
+        stats["train/samples_per_s"] = samples / max(elapsed, 1e-9)
+        stats["train/epoch_s"] = elapsed
+        return stats, global_step
+
+    def collect(self, stats: dict[str, float]) -> dict[str, float]:
+        """Gives rank 0 every stage's weights, optimizer states and statistics.
+
+        Returns:
+            On rank 0, the merged statistics (block losses of every stage, the final block's
+            loss as ``train/loss``); elsewhere the local ones.
+        """
+        learner = self.learner
+        state = learner.training_state()
+        prefixes = _prefixes_of(learner, self.mine)
+        payload = {
+            "model": {k: v.cpu() for k, v in state["model"].items() if k.startswith(prefixes)},
+            "heads": {
+                k: v.cpu() for k, v in state["heads"].items() if int(k.split(".")[0]) in self.mine
+            },
+            "optimizers": {i: state["optimizers"][i] for i in self.mine},
+            "stats": stats,
+        }
+        gathered = [None] * self.context.world_size if self.context.is_main else None
+        dist.gather_object(payload, gathered, dst=0)
+        if not self.context.is_main:
+            return stats
+        model_state, head_state = state["model"], state["heads"]
+        merged_stats: dict[str, float] = {}
+        for part in gathered:
+            model_state.update(part["model"])
+            head_state.update(part["heads"])
+            for index, optimizer_state in part["optimizers"].items():
+                learner.optimizers[index].load_state_dict(optimizer_state)
+            merged_stats.update(part["stats"])
+        learner.model.load_state_dict(model_state)
+        learner.heads.load_state_dict(head_state)
+        last_block = learner.num_blocks - 1
+        merged_stats["train/loss"] = merged_stats[f"train/block{last_block}_loss"]
+        merged_stats["train/task_loss"] = merged_stats["train/loss"]
+        merged_stats["train/samples_per_s"] = min(
+            p["stats"]["train/samples_per_s"] for p in gathered
+        )
+        merged_stats["train/epoch_s"] = max(p["stats"]["train/epoch_s"] for p in gathered)
+        return merged_stats
+
+
+def _prefixes_of(learner: Learner, blocks: Sequence[int]) -> tuple[str, ...]:
+    """State-dict prefixes of the model units in ``blocks`` (the classifier with the last)."""
+    prefixes = []
+    for index in blocks:
+        prefixes += [f"{name}." for name in learner.blocks[index].unit_names]
+        if index == learner.num_blocks - 1:
+            prefixes.append("classifier.")
+    return tuple(prefixes)
+
+
+def _send(features: torch.Tensor, targets: torch.Tensor, destination: int):
+    """Sends a header, the activations and the targets; returns the works and their tensors."""
+    header = torch.zeros(_HEADER_SIZE, dtype=torch.int64)
+    header[: features.dim()] = torch.tensor(features.shape)
+    payload = features.contiguous().float().cpu()
+    labels = targets.double().cpu()
+    works = [
+        dist.isend(header, destination),
+        dist.isend(payload, destination),
+        dist.isend(labels, destination),
+    ]
+    return (_AllWorks(works), header, payload, labels)
+
+
+def _receive(source: int, device: torch.device, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    header = torch.zeros(_HEADER_SIZE, dtype=torch.int64)
+    dist.recv(header, source)
+    shape = [int(s) for s in header.tolist() if s > 0]
+    features = torch.empty(shape, dtype=torch.float32)
+    dist.recv(features, source)
+    labels = torch.empty(shape[0], dtype=torch.float64)
+    dist.recv(labels, source)
+    labels = labels.long() if task == "classification" else labels.float()
+    return features.to(device), labels.to(device)
+
+
+class _AllWorks:
+    """Several asynchronous sends seen as one."""
+
+    def __init__(self, works: list) -> None:
+        self.works = works
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+
+
+def _block_costs(learner: Learner, input_shape: Sequence[int], repeats: int = 3) -> list[float]:
+    """Median seconds of one training step of each block on a random batch of this shape."""
+    # a copy: state dicts share storage with the parameters and optimizer moments
+    state = copy.deepcopy(learner.training_state())
+    features = torch.randn(*input_shape, device=learner.device)
+    targets = torch.zeros(input_shape[0], dtype=torch.long, device=learner.device)
+    if learner.task == "regression":
+        targets = targets.float()
+    costs = []
+    for index in range(learner.num_blocks):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            output, _, _ = learner.local_block_step(index, features, targets, "cost", step=1)
+            times.append(time.perf_counter() - start)
+        features = output
+        costs.append(statistics.median(times))
+    learner.load_training_state(state)  # the timing steps must not count as training
+    return costs

@@ -95,6 +95,7 @@ class StagePipeline:
         self.learner = learner
         self.context = context
         costs = context.broadcast(_block_costs(learner, input_shape) if context.is_main else None)
+        self.costs = costs
         self.groups = balanced_groups(costs, context.world_size)
         self.mine = self.groups[context.rank]
         if context.is_main:

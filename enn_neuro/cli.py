@@ -96,6 +96,8 @@ def _validate(args: argparse.Namespace) -> int:
 
     if args.config:
         config = load_config(args.config, args.set)
+        if config.pipeline == "images2d":
+            return _validate_images(config)
         data = config.data
         cohort = load_cohort(data.cohort, data.target, data.task, data.classes, data.image_column)
         folds = data.n_folds
@@ -107,6 +109,22 @@ def _validate(args: argparse.Namespace) -> int:
     report = validate_cohort(cohort, n_folds=folds)
     print(report.summary())
     return 0 if report.ok else 1
+
+
+def _validate_images(config) -> int:
+    """Reads every image of a 2D study's train/ and val/ folders once; lists the bad ones."""
+    from enn_neuro.data.images2d import check_images, scan_image_folder
+
+    problems, counts = [], []
+    for part in ("train", "val"):
+        samples, classes = scan_image_folder(config.data.root / part)
+        problems += check_images([path for path, _ in samples])
+        counts.append(f"{part}: {len(samples)} images in {len(classes)} classes")
+    print(f"{config.data.root}: " + "; ".join(counts))
+    print(f"problems: {len(problems)}")
+    for problem in problems:
+        print(f"  - {problem}")
+    return 0 if not problems else 1
 
 
 def _cv(args: argparse.Namespace, folds: Sequence[int] | None = None) -> int:

@@ -18,7 +18,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,6 +29,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "ImageConfig",
+    "ImageDataConfig",
     "LocalConfig",
     "ModelConfig",
     "OptimConfig",
@@ -130,6 +132,7 @@ class TrainingConfig(_Section):
     amp: bool = True
     device: str = "auto"
     local: LocalConfig = LocalConfig()
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
     stage_parallel: bool = False
     dist_timeout_s: float = Field(600.0, gt=0)
     log_every: int = Field(10, ge=1)
@@ -150,37 +153,17 @@ class TrackingConfig(_Section):
     log_model: bool = True
 
 
-class Config(_Section):
-    """A whole study."""
+class _StudyBase(_Section):
+    """What every pipeline's study has: names, model, optimizer, loop, tracking."""
 
     study: StudyConfig
-    data: DataConfig
-    preprocessing: PreprocessingConfig = PreprocessingConfig()
-    augmentation: AugmentationConfig = AugmentationConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     training: TrainingConfig = TrainingConfig()
     tracking: TrackingConfig = TrackingConfig()
 
-    @field_validator("preprocessing", "augmentation", mode="before")
-    @classmethod
-    def _dataclass_section(cls, value: Any, info) -> Any:
-        target = {"preprocessing": PreprocessingConfig, "augmentation": AugmentationConfig}[
-            info.field_name
-        ]
-        if isinstance(value, target):
-            return value
-        if not isinstance(value, dict):
-            raise ValueError(f"must be a mapping, got {value!r}")
-        known = {f.name for f in dataclasses.fields(target)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown}; known keys: {sorted(known)}")
-        converted = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-        return target(**converted)
-
     @model_validator(mode="after")
-    def _consistent(self) -> Config:
+    def _consistent(self):
         from enn_neuro.training.metrics import selection_direction
 
         metric = self.training.selection_metric
@@ -202,7 +185,74 @@ class Config(_Section):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+class Config(_StudyBase):
+    """A 3D cohort study: NIfTI volumes, subject-level cross-validation."""
+
+    pipeline: Literal["cohort3d"] = "cohort3d"
+    data: DataConfig
+    preprocessing: PreprocessingConfig = PreprocessingConfig()
+    augmentation: AugmentationConfig = AugmentationConfig()
+
+    spatial_dims: ClassVar[int] = 3
+    in_channels: ClassVar[int] = 1
+
+    @field_validator("preprocessing", "augmentation", mode="before")
+    @classmethod
+    def _dataclass_section(cls, value: Any, info) -> Any:
+        target = {"preprocessing": PreprocessingConfig, "augmentation": AugmentationConfig}[
+            info.field_name
+        ]
+        if isinstance(value, target):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a mapping, got {value!r}")
+        known = {f.name for f in dataclasses.fields(target)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown}; known keys: {sorted(known)}")
+        converted = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+        return target(**converted)
+
+
+class ImageDataConfig(_Section):
+    """An ImageNet-layout folder: ``root/train/<class>/*`` and ``root/val/<class>/*``.
+
+    The ``val/`` folder is the test set, predicted once with the selected model; model
+    selection uses ``val_fraction`` of the training images, held out per class.
+    """
+
+    root: Path
+    task: Literal["classification"] = "classification"
+    image_size: int = Field(224, ge=8)
+    resize_size: int | None = Field(None, ge=8)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 4 / 3)
+    hflip_p: float = Field(0.5, ge=0, le=1)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    max_train_per_class: int | None = Field(None, ge=1)
+    on_corrupt: Literal["report", "skip"] = "report"
+    num_workers: int = Field(4, ge=0)
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _interval(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high:
+            raise ValueError(f"must be (low, high) with 0 < low <= high, got {value!r}")
+        return value
+
+
+class ImageConfig(_StudyBase):
+    """A 2D image-classification study on an ImageNet-layout folder."""
+
+    pipeline: Literal["images2d"]
+    data: ImageDataConfig
+
+    spatial_dims: ClassVar[int] = 2
+    in_channels: ClassVar[int] = 3
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config | ImageConfig:
     """Reads, overrides and validates a YAML configuration.
 
     Relative paths under ``data`` (cohort, split table) are taken relative to the current
@@ -232,14 +282,15 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     return validate_config(raw, source=str(path))
 
 
-def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
-    """Validates a configuration given as nested dicts.
+def validate_config(raw: dict[str, Any], source: str = "config") -> Config | ImageConfig:
+    """Validates a configuration given as nested dicts (``pipeline: images2d`` for 2D).
 
     Raises:
         ConfigError: Naming every bad key (dotted) and value.
     """
+    schema = ImageConfig if raw.get("pipeline") == "images2d" else Config
     try:
-        return Config.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as err:
         lines = [_describe(error) for error in err.errors()]
         raise ConfigError(f"{source}: " + "; ".join(lines)) from None

@@ -16,7 +16,8 @@ def test_configs_folder_is_the_packaged_one():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     config = load_config(path)
-    assert config.study.name and config.data.target
+    assert config.study.name
+    assert config.data.target if config.pipeline == "cohort3d" else config.data.root
 
 
 def test_the_pairs_differ_only_where_they_should():
@@ -27,6 +28,19 @@ def test_the_pairs_differ_only_where_they_should():
     changed_plain = {k for k, v in flatten(plain).items() if flatten(demo)[k] != v}
     assert changed_local == {"study.name", "training.mode"}
     assert changed_plain == {"study.name", "model.layer"}
+
+
+def test_the_imagenet_trio_differs_only_where_it_should():
+    enn = flatten(load_config(CONFIGS[0].with_name("imagenet_resnet152_enn.yaml")).resolved())
+    for name, expected in (
+        ("imagenet_resnet152_plain.yaml", {"study.name", "model.layer"}),
+        ("imagenet_resnet152_local.yaml", {"study.name", "training.mode", "training.local.head"}),
+    ):
+        twin = flatten(load_config(CONFIGS[0].with_name(name)).resolved())
+        assert {k for k, v in twin.items() if enn[k] != v} == expected, name
+    config = load_config(CONFIGS[0].with_name("imagenet_resnet152_enn.yaml"))
+    assert (config.pipeline, config.spatial_dims, config.in_channels) == ("images2d", 2, 3)
+    assert config.model.name == "resnet152" and config.training.label_smoothing == 0.1
 
 
 def _write(tmp_path, text):

@@ -1,4 +1,4 @@
-"""Cohort data: tables and BIDS, pre-flight checks, transforms, caching, splits, the demo cohort.
+"""Data: 3D cohorts with checks, transforms, caching, splits and a demo; 2D image folders.
 
 The path of a study's input: :func:`load_cohort` → :func:`validate_cohort` (every problem at
 once, before any work) → :func:`make_splits` (subject-level, leakage-checked) →
@@ -8,6 +8,14 @@ once, before any work) → :func:`make_splits` (subject-level, leakage-checked) 
 from enn_neuro.data.cohort import Cohort, CohortError, ImageRecord, Problem, Task, load_cohort
 from enn_neuro.data.dataset import CachedVolumeDataset, make_dataset
 from enn_neuro.data.demo import write_demo_cohort
+from enn_neuro.data.images2d import (
+    ImageFolderDataset,
+    check_images,
+    eval_transform,
+    scan_image_folder,
+    train_transform,
+    write_digits_folder,
+)
 from enn_neuro.data.splits import (
     LeakageError,
     Role,
@@ -28,6 +36,7 @@ __all__ = [
     "AugmentationConfig",
     "CachedVolumeDataset",
     "Cohort",
+    "ImageFolderDataset",
     "CohortError",
     "ImageRecord",
     "LeakageError",
@@ -37,13 +46,18 @@ __all__ = [
     "Task",
     "ValidationReport",
     "augmentation_transforms",
+    "check_images",
     "check_leakage",
+    "eval_transform",
     "load_cohort",
     "make_dataset",
     "make_splits",
     "preprocessing_transforms",
     "read_split_table",
+    "scan_image_folder",
+    "train_transform",
     "validate_cohort",
     "write_demo_cohort",
+    "write_digits_folder",
     "write_split_table",
 ]

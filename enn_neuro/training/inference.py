@@ -79,8 +79,8 @@ def load_trained_model(
         classes = list(saved["classes"])
         model = create_model(
             config.model.name,
-            spatial_dims=3,
-            in_channels=1,
+            spatial_dims=config.spatial_dims,
+            in_channels=config.in_channels,
             num_classes=len(classes) if task == "classification" else 1,
             layer=config.model.layer,
             norm=config.model.norm,

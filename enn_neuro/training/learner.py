@@ -83,14 +83,18 @@ class Learner:
         model_config = config.model
         self.model = create_model(
             model_config.name,
-            spatial_dims=3,
-            in_channels=1,
+            spatial_dims=config.spatial_dims,
+            in_channels=config.in_channels,
             num_classes=num_outputs,
             layer=model_config.layer,
             norm=model_config.norm,
             base_width=model_config.base_width,
             zero_init_residual=model_config.zero_init_residual,
         ).to(device)
+        # 2D convolutions on GPUs run fastest on NHWC tensors
+        self.channels_last = device.type == "cuda" and config.spatial_dims == 2
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         if self.context.enabled and device.type == "cuda" and model_config.norm == "batch":
             # batch statistics over the global batch, as one process would compute them
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -254,11 +258,19 @@ class Learner:
 
     # losses and outputs
 
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Moves a batch to the learner's device (in the model's memory format)."""
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
     def task_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy on logits ``(B, K)``, or MSE on z-scored targets for ``(B, 1)``."""
+        """Cross-entropy (with label smoothing) on logits ``(B, K)``, or MSE on z-scored targets."""
         outputs = outputs.float()
         if self.task == "classification":
-            return F.cross_entropy(outputs, targets)
+            smoothing = self.config.training.label_smoothing
+            return F.cross_entropy(outputs, targets, label_smoothing=smoothing)
         scaled = (targets.float() - self.target_mean) / self.target_std
         return F.mse_loss(outputs.squeeze(1), scaled)
 

@@ -155,7 +155,7 @@ def fit(
     training = config.training
     context = context or learner.context
     main = context.is_main
-    metric = training.selection_metric or _default_metric(config.data.task)
+    metric = default_metric(config)
     higher_is_better = selection_direction(metric)
     last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
 
@@ -288,7 +288,7 @@ def train_one_epoch(
     start = waited_since = time.perf_counter()
     for batch in progress:
         data_wait += time.perf_counter() - waited_since
-        images = batch["image"].to(learner.device, non_blocking=True)  # (B, 1, D, H, W)
+        images = learner.prepare(batch["image"])  # (B, C, *S)
         targets = batch["label"].to(learner.device, non_blocking=True)  # (B,)
         where = f"fold {fold}, epoch {epoch}, step {steps}"
         result = learner.train_step(images, targets, where, global_step)
@@ -338,7 +338,7 @@ def predict_loader(learner: Learner, loader: DataLoader) -> Predictions:
     subject_ids, session_ids, images, targets = [], [], [], []
     outputs: list[list[np.ndarray]] = []
     for batch in loader:
-        heads = learner.predict(batch["image"].to(learner.device))  # K × (B, num_outputs)
+        heads = learner.predict(learner.prepare(batch["image"]))  # K × (B, num_outputs)
         if not outputs:
             outputs = [[] for _ in heads]
         for store, head in zip(outputs, heads, strict=True):
@@ -425,8 +425,14 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return exponentials / exponentials.sum(axis=1, keepdims=True)
 
 
-def _default_metric(task: str) -> str:
-    return "balanced_accuracy" if task == "classification" else "mae"
+def default_metric(config) -> str:
+    """The selection metric when none is configured."""
+    if config.training.selection_metric:
+        return config.training.selection_metric
+    if config.data.task == "regression":
+        return "mae"
+    # balanced accuracy for clinical cohorts (often imbalanced), top-1 for image folders
+    return "accuracy" if config.spatial_dims == 2 else "balanced_accuracy"
 
 
 def _progress(loader: DataLoader, description: str):

@@ -28,6 +28,7 @@ _HIGHER_IS_BETTER = {
     "sensitivity": True,
     "specificity": True,
     "accuracy": True,
+    "top5_accuracy": True,
     "mae": False,
     "rmse": False,
     "r2": True,
@@ -52,7 +53,9 @@ def selection_direction(metric: str) -> bool:
 def classification_metrics(
     labels: Sequence[int], probabilities: np.ndarray, class_names: Sequence[str]
 ) -> dict[str, float | list]:
-    """Balanced accuracy, ROC AUC, sensitivity, specificity, F1 and the confusion matrix.
+    """Accuracy, balanced accuracy, ROC AUC, sensitivity, specificity, F1, confusion matrix.
+
+    Accuracy is top-1; above five classes top-5 accuracy is added.
 
     Binary tasks take the second class as positive; multiclass tasks report macro averages
     (sensitivity = macro recall, specificity = macro true-negative rate, one-vs-rest AUC).
@@ -89,6 +92,10 @@ def classification_metrics(
         result["sensitivity"] = float(np.nanmean(recall))
         result["specificity"] = float(np.nanmean(specificity_per_class))
         result["f1"] = float(skm.f1_score(labels, predictions, average="macro", zero_division=0))
+    if n_classes > 5:
+        result["top5_accuracy"] = float(
+            skm.top_k_accuracy_score(labels, probabilities, k=5, labels=list(range(n_classes)))
+        )
     result["roc_auc"] = _roc_auc(labels, probabilities, n_classes)
     result["confusion_matrix"] = matrix.tolist()
     return result

@@ -19,8 +19,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from enn_neuro.config import Config, flatten, save_config
+from enn_neuro.config import Config, ImageConfig, flatten, save_config
 from enn_neuro.data.cohort import Cohort, load_cohort
 from enn_neuro.data.dataset import make_dataset
 from enn_neuro.data.splits import check_leakage, make_splits, read_split_table, write_split_table
@@ -42,15 +42,35 @@ from enn_neuro.training.distributed import (
     ShardSampler,
     init_distributed,
 )
-from enn_neuro.training.learner import Learner, NonFiniteLossError
-from enn_neuro.training.loop import epoch_seed, evaluate, fit, predict_loader, seed_everything
+from enn_neuro.training.learner import Learner
+from enn_neuro.training.loop import (
+    default_metric,
+    epoch_seed,
+    evaluate,
+    fit,
+    predict_loader,
+    seed_everything,
+)
 from enn_neuro.training.metrics import classification_metrics, summarize_folds
 from enn_neuro.training.pipeline import StagePipeline
 from enn_neuro.training.plots import plot_confusion_matrix, plot_learning_curves, plot_roc_curve
 
-__all__ = ["StudyError", "StudyResult", "prepare_cohort", "run_study"]
+__all__ = [
+    "FoldData",
+    "StudyError",
+    "StudyPlan",
+    "StudyResult",
+    "check_stage_parallel",
+    "cohort_plan",
+    "prepare_cohort",
+    "run_plan",
+    "run_study",
+    "study_tags",
+]
 
 logger = logging.getLogger(__name__)
+
+MAX_CLASSES_PLOTTED = 20  # confusion matrices and ROC curves beyond this are unreadable
 
 
 class StudyError(RuntimeError):
@@ -67,6 +87,46 @@ class StudyResult:
     summary: dict[str, dict[str, float]]
 
 
+@dataclass
+class FoldData:
+    """Everything one fold trains and tests on.
+
+    Attributes:
+        loaders: ``train`` (sharded batches), ``val`` (model selection), ``test`` (once).
+        classes: Class names in output order (empty for regression).
+        num_outputs: Classes, or 1 for regression.
+        target_mean: Mean of the training targets (regression).
+        target_std: Their standard deviation (regression).
+        description: What the fold holds, for the log.
+        model_info: Written beside the model (``model_info.json``): what inference needs.
+    """
+
+    loaders: dict[str, DataLoader]
+    classes: list[str]
+    num_outputs: int
+    target_mean: float = 0.0
+    target_std: float = 1.0
+    description: str = ""
+    model_info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StudyPlan:
+    """What a pipeline brings to a study; :func:`run_plan` does the rest.
+
+    Attributes:
+        folds: The folds (one for a single train/validation/test split).
+        tags: MLflow tags of every run (mode, layer, model, data hash, ...).
+        tables: File name → table written to the study folder and logged (e.g. the splits).
+        fold_data: Builds a fold's loaders, given the fold and the learner's context.
+    """
+
+    folds: list[int]
+    tags: dict[str, str]
+    tables: dict[str, pd.DataFrame]
+    fold_data: Callable[[int, DistributedContext], FoldData]
+
+
 def prepare_cohort(config: Config) -> tuple[Cohort, ValidationReport]:
     """Reads and validates the configured cohort; raises listing every problem."""
     data = config.data
@@ -79,9 +139,9 @@ def prepare_cohort(config: Config) -> tuple[Cohort, ValidationReport]:
 
 
 def run_study(
-    config: Config, resume: bool = False, folds: Sequence[int] | None = None
+    config: Config | ImageConfig, resume: bool = False, folds: Sequence[int] | None = None
 ) -> StudyResult:
-    """Runs (or resumes) a cross-validation study.
+    """Runs (or resumes) a study: a 3D cohort's cross-validation, or a 2D image folder.
 
     Args:
         config: The validated configuration.
@@ -97,18 +157,20 @@ def run_study(
         StudyError: The directory holds another study, or there is nothing to resume.
         NonFiniteLossError: A loss diverged; the runs are marked failed.
     """
-    # checks before any work (every rank reads; only rank 0 writes, after the barrier)
     context, device = init_distributed(config.training.device, config.training.dist_timeout_s)
-    main = context.is_main
-    if config.training.stage_parallel and not context.enabled:
-        raise ValueError(
-            "training.stage_parallel needs one process per stage: launch with "
-            "torchrun --nproc-per-node K -m enn_neuro ..."
-        )
+    check_stage_parallel(config, context)
+    if config.spatial_dims == 2:
+        from enn_neuro.training.images import image_plan
+
+        plan = image_plan(config, context)
+    else:
+        plan = cohort_plan(config)
+    return run_plan(config, plan, context, device, resume, folds)
+
+
+def cohort_plan(config: Config) -> StudyPlan:
+    """The 3D pipeline's plan: a validated cohort cut into leakage-checked subject folds."""
     cohort, report = prepare_cohort(config)
-    study_dir = config.study.output_dir / config.study.name
-    state = _check_study(study_dir, config, resume)
-    context.barrier()
     if config.data.split_table:
         splits = read_split_table(config.data.split_table, cohort)
     else:
@@ -120,15 +182,57 @@ def run_study(
             stratify_by=config.data.stratify_by,
         )
     check_leakage(splits, cohort, report.content_hashes())
-    all_folds = sorted(int(f) for f in splits["fold"].unique())
-    folds = all_folds if folds is None else list(folds)
-    unknown = sorted(set(folds) - set(all_folds))
+
+    def fold_data(fold: int, learner_context: DistributedContext) -> FoldData:
+        part = splits[splits["fold"] == fold]
+        subjects = {
+            role: part.loc[part["role"] == role, "subject_id"].tolist()
+            for role in ("train", "val", "test")
+        }
+        train_targets = [float(s["label"]) for s in cohort.to_samples(subjects["train"])]
+        classification = config.data.task == "classification"
+        return FoldData(
+            loaders=_loaders(config, cohort, subjects, learner_context),
+            classes=cohort.classes,
+            num_outputs=len(cohort.classes) if classification else 1,
+            # regression targets are z-scored with the training subjects' statistics only
+            target_mean=float(np.mean(train_targets)),
+            target_std=float(np.std(train_targets)),
+            description=", ".join(f"{len(v)} {k}" for k, v in subjects.items()) + " subjects",
+            model_info={"preprocessing": config.resolved()["preprocessing"]},
+        )
+
+    return StudyPlan(
+        folds=sorted(int(f) for f in splits["fold"].unique()),
+        tags=study_tags(config, list(report.content_hashes().values())),
+        tables={"splits.tsv": splits},
+        fold_data=fold_data,
+    )
+
+
+def run_plan(
+    config: Config | ImageConfig,
+    plan: StudyPlan,
+    context: DistributedContext,
+    device: torch.device,
+    resume: bool = False,
+    folds: Sequence[int] | None = None,
+) -> StudyResult:
+    """Runs a plan's folds with tracking, checkpoints and resume, and summarises them."""
+    # the study folder: every rank checks, rank 0 writes after the barrier
+    main = context.is_main
+    study_dir = config.study.output_dir / config.study.name
+    state = _check_study(study_dir, config, resume)
+    context.barrier()
+    folds = plan.folds if folds is None else list(folds)
+    unknown = sorted(set(folds) - set(plan.folds))
     if unknown:
-        raise ValueError(f"folds {unknown} do not exist; the splits have folds {all_folds}")
+        raise ValueError(f"folds {unknown} do not exist; the splits have folds {plan.folds}")
     if main:
         study_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, study_dir / "config.yaml")
-        write_split_table(splits, study_dir / "splits.tsv")
+        for name, table in plan.tables.items():
+            write_split_table(table, study_dir / name)
 
     # the parent run (rank 0 only)
     tracker = (
@@ -136,52 +240,43 @@ def run_study(
         if main
         else NullTracker()
     )
-    tags = _tags(config, report)
-    parent_id = tracker.start_run(config.study.name, state.get("parent_run_id"), tags=tags)
+    parent_id = tracker.start_run(config.study.name, state.get("parent_run_id"), tags=plan.tags)
     state["parent_run_id"] = parent_id
     _write_state(study_dir, state, main)
     tracker.log_params(parent_id, flatten(config.resolved()))
-    tracker.set_tags(parent_id, tags)
-    tracker.log_artifact(parent_id, study_dir / "config.yaml")
-    tracker.log_artifact(parent_id, study_dir / "splits.tsv")
+    tracker.set_tags(parent_id, plan.tags)
+    for name in ["config.yaml", *plan.tables]:
+        tracker.log_artifact(parent_id, study_dir / name)
 
+    # the folds, each in a child run
     fold_metrics: dict[int, dict[str, float]] = {}
     try:
         for fold in folds:
             fold_state = state["folds"].setdefault(str(fold), {})
             if fold_state.get("status") == "finished":
-                fold_metrics[fold] = json.loads(
-                    (study_dir / f"fold-{fold}" / "metrics.json").read_text()
-                )
+                metrics_path = study_dir / f"fold-{fold}" / "metrics.json"
+                fold_metrics[fold] = json.loads(metrics_path.read_text())
                 logger.info("fold %d: already finished, kept", fold)
                 continue
             run_id = tracker.start_run(
-                f"{config.study.name}-fold{fold}", fold_state.get("run_id"), parent_id, tags
+                f"{config.study.name}-fold{fold}", fold_state.get("run_id"), parent_id, plan.tags
             )
             fold_state.update(run_id=run_id, status="running")
             _write_state(study_dir, state, main)
             try:
                 fold_metrics[fold] = _run_fold(
-                    config,
-                    cohort,
-                    splits,
-                    fold,
-                    study_dir,
-                    tracker,
-                    run_id,
-                    resume,
-                    context,
-                    device,
+                    config, plan, fold, study_dir, tracker, run_id, resume, context, device
                 )
             except BaseException as err:
-                status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-                tracker.end_run(run_id, status)
+                tracker.end_run(
+                    run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+                )
                 raise
             fold_state["status"] = "finished"
             _write_state(study_dir, state, main)
             tracker.end_run(run_id)
             context.barrier()
-    except (NonFiniteLossError, KeyboardInterrupt, Exception) as err:
+    except BaseException as err:
         tracker.end_run(parent_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
 
@@ -202,9 +297,8 @@ def run_study(
 
 
 def _run_fold(
-    config: Config,
-    cohort: Cohort,
-    splits: pd.DataFrame,
+    config: Config | ImageConfig,
+    plan: StudyPlan,
     fold: int,
     study_dir: Path,
     tracker: StudyTracker,
@@ -217,44 +311,30 @@ def _run_fold(
     fold_dir = study_dir / f"fold-{fold}"
     if main:
         fold_dir.mkdir(parents=True, exist_ok=True)
-    part = splits[splits["fold"] == fold]
-    subjects = {
-        role: part.loc[part["role"] == role, "subject_id"].tolist()
-        for role in ("train", "val", "test")
-    }
-    logger.info(
-        "fold %d: %d train, %d validation, %d test subjects",
-        fold,
-        len(subjects["train"]),
-        len(subjects["val"]),
-        len(subjects["test"]),
-    )
     tracker.log_params(run_id, {**flatten(config.resolved()), "fold": fold})
     tracker.log_artifact(run_id, study_dir / "config.yaml")
 
-    # data
-    # stage-parallel ranks split the network, not the data: each holds a plain learner
+    # data: stage-parallel ranks split the network, not the data, so each holds a plain learner
     stage_parallel = config.training.stage_parallel
     learner_context = DistributedContext() if stage_parallel else context
-    loaders = _loaders(config, cohort, subjects, learner_context)
+    data = plan.fold_data(fold, learner_context)
+    loaders, classes = data.loaders, data.classes
+    logger.info("fold %d: %s", fold, data.description)
 
-    # model: regression targets are z-scored with the training subjects' statistics only
+    # model
     seed_everything(epoch_seed(config.study.seed, fold, -1))
-    classes = cohort.classes
-    num_outputs = len(classes) if config.data.task == "classification" else 1
-    train_targets = [float(s["label"]) for s in cohort.to_samples(subjects["train"])]
     learner = Learner(
         config,
-        num_outputs,
+        data.num_outputs,
         device,
-        target_mean=float(np.mean(train_targets)),
-        target_std=float(np.std(train_targets)),
+        target_mean=data.target_mean,
+        target_std=data.target_std,
         context=learner_context,
     )
     pipeline = None
     if stage_parallel:
-        input_shape = (config.training.batch_size, 1, *config.preprocessing.shape)
-        pipeline = StagePipeline(learner, context, input_shape)
+        example = loaders["train"].dataset[0]["image"]  # (C, *S)
+        pipeline = StagePipeline(learner, context, (config.training.batch_size, *example.shape))
 
     # train, selecting on validation only
     def log_epoch(metrics: dict[str, float], epoch: int) -> None:
@@ -289,11 +369,12 @@ def _run_fold(
     tracker.log_metrics(run_id, test_metrics, step=result.epochs_run)
 
     # artifacts
-    metric = config.training.selection_metric or (
-        "balanced_accuracy" if config.data.task == "classification" else "mae"
-    )
-    figures = [plot_learning_curves(result.history, metric, fold_dir / "learning_curves.png")]
-    if config.data.task == "classification":
+    figures = [
+        plot_learning_curves(
+            result.history, default_metric(config), fold_dir / "learning_curves.png"
+        )
+    ]
+    if config.data.task == "classification" and len(classes) <= MAX_CLASSES_PLOTTED:
         by_subject = table.groupby("subject_id", sort=False)
         probabilities = by_subject[[f"prob_{c}" for c in classes]].mean().to_numpy()
         labels = [classes.index(t) for t in by_subject["target"].first()]
@@ -307,23 +388,16 @@ def _run_fold(
         "task": config.data.task,
         "target_mean": learner.target_mean,
         "target_std": learner.target_std,
-        "preprocessing": config.resolved()["preprocessing"],
+        **data.model_info,
     }
     (fold_dir / "model_info.json").write_text(json.dumps(model_info, indent=2))
     tracker.log_artifact(run_id, fold_dir / "model_info.json")
     if config.tracking.log_model:
         fused = to_plain(learner.model).cpu().eval()
-        example = loaders["test"].dataset[0]["image"][None].numpy()  # (1, 1, D, H, W)
+        example = loaders["test"].dataset[0]["image"][None].numpy()  # (1, C, *S)
         tracker.log_model(run_id, fused, example)
-    logger.info(
-        "fold %d test: %s",
-        fold,
-        ", ".join(
-            f"{k.removeprefix('test/')} {v:.4f}"
-            for k, v in test_metrics.items()
-            if "block" not in k
-        ),
-    )
+    shown = {k.removeprefix("test/"): v for k, v in test_metrics.items() if "block" not in k}
+    logger.info("fold %d test: %s", fold, ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     return test_metrics
 
 
@@ -359,7 +433,7 @@ def _loaders(
     return loaders
 
 
-def _check_study(study_dir: Path, config: Config, resume: bool) -> dict[str, Any]:
+def _check_study(study_dir: Path, config: Config | ImageConfig, resume: bool) -> dict[str, Any]:
     """The study's saved state when resuming, a fresh one otherwise; reads, never writes."""
     state_path = study_dir / "study.json"
     if resume:
@@ -389,17 +463,27 @@ def _write_state(study_dir: Path, state: dict[str, Any], main: bool) -> None:
     temporary.replace(path)
 
 
-def _tags(config: Config, report: ValidationReport) -> dict[str, str]:
-    hashes = sorted(report.content_hashes().values())
-    cohort_hash = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
+def study_tags(config: Config | ImageConfig, content_hashes: Sequence[str]) -> dict[str, str]:
+    """Tags of every run of a study; ``cohort_hash`` identifies the data by content."""
+    cohort_hash = hashlib.sha256("".join(sorted(content_hashes)).encode()).hexdigest()[:16]
     return {
         "mode": config.training.mode,
         "layer": config.model.layer,
         "model": config.model.name,
         "task": config.data.task,
+        "pipeline": config.pipeline,
         "cohort_hash": cohort_hash,
         "study": config.study.name,
     }
+
+
+def check_stage_parallel(config: Config | ImageConfig, context: DistributedContext) -> None:
+    """Refuses stage-parallel training without one process per stage, before any work."""
+    if config.training.stage_parallel and not context.enabled:
+        raise ValueError(
+            "training.stage_parallel needs one process per stage: launch with "
+            "torchrun --nproc-per-node K -m enn_neuro ..."
+        )
 
 
 def _log_summary(summary: dict[str, dict[str, float]]) -> None:

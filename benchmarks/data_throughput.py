@@ -29,7 +29,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import shutil
@@ -42,6 +41,7 @@ import monai
 import nibabel as nib
 import numpy as np
 import torch
+from _report import emit  # benchmarks/_report.py, beside this script
 
 from enn_neuro.data.dataset import make_dataset
 from enn_neuro.data.transforms import PreprocessingConfig
@@ -114,11 +114,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "machine": platform.platform(),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 def measure(samples: list[dict], config: PreprocessingConfig, scratch: Path, repeats: int) -> dict:

@@ -11,7 +11,7 @@ schedule (``scheduled_penalty(every=k)``) is derived, not timed: one step in k p
 penalty, so its amortised step is ``no_penalty + (enn − no_penalty) / k``.
 
 Usage:
-    python benchmarks/enn_overhead.py --out results/enn_overhead.json
+    python benchmarks/enn_overhead.py --out benchmarks/results/enn_overhead.json
     python benchmarks/enn_overhead.py --quick   # fewer repetitions, for a smoke run
 """
 
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _report import emit  # benchmarks/_report.py, beside this script
 
 from enn_neuro.enn import DEFAULT_ORTHO_WEIGHT, orthogonality_penalty, to_plain
 from enn_neuro.models import create_model
@@ -71,11 +72,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "machine": platform.platform(),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 def measure(name, dims, channels, side, batch, classes, args) -> dict:

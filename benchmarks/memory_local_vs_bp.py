@@ -68,6 +68,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _report import emit  # benchmarks/_report.py, beside this script
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -117,11 +118,7 @@ def main() -> None:
         return
 
     report = run_all(args)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 def run_all(args: argparse.Namespace) -> dict:

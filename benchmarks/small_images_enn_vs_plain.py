@@ -17,7 +17,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import statistics
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from _report import emit  # benchmarks/_report.py, beside this script
 
 from enn_neuro.config import load_config
 from enn_neuro.training.study import run_study
@@ -93,11 +93,7 @@ def main() -> None:
             "machine": platform.platform(),
         }
     )
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 def _write_data(root: Path, args) -> dict:

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from _report import emit  # benchmarks/_report.py, beside this script
 
 logger = logging.getLogger("stage_parallel_speed")
 
@@ -103,11 +104,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "machine": platform.platform(),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 def _spawn(variant: str, args: argparse.Namespace) -> dict:

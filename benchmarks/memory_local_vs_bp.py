@@ -95,7 +95,11 @@ CHILD_ENV = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--cut", choices=["stage", "unit"], default="stage", help="block cut")
+    parser.add_argument(
+        "--cut",
+        default="stage",
+        help="block cut: 'stage', 'unit', or unit indices where blocks start, e.g. 0,1,3,5,7",
+    )
     parser.add_argument("--side", type=int, default=96, help="input side (voxels)")
     parser.add_argument("--batch", type=int, default=2, help="batch size")
     parser.add_argument("--base-width", type=int, default=64, help="channels of stage 1")
@@ -241,7 +245,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     # the blocks, each trained alone from its precomputed input, each with its own baseline
     if args.variant == "blocks":
-        blocks = split_model(model, args.cut).to(device)
+        blocks = split_model(model, _parse_cut(args.cut)).to(device)
         optimizers = [_optimizer(block.parameters()) for block in blocks]
         features, results = images, []
         for block, optimizer in zip(blocks, optimizers, strict=True):
@@ -264,12 +268,12 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     # one step of the variant
     if args.variant in ("local", "local_keep_grads"):
-        modules = list(split_model(model, args.cut).to(device))
+        modules = list(split_model(model, _parse_cut(args.cut)).to(device))
         optimizers = [_optimizer(block.parameters()) for block in modules]
         step = _local_step(modules, optimizers, images, targets, args.variant == "local")
     else:
         modules, optimizers = [model], [_optimizer(model.parameters())]
-        segments = _segments(model, args.cut) if args.variant == "checkpoint" else None
+        segments = _segments(model, _parse_cut(args.cut)) if args.variant == "checkpoint" else None
         step = _bp_step(model, optimizers[0], images, targets, segments)
 
     result = _measure(step, modules, optimizers, meter, args.steps)
@@ -352,7 +356,12 @@ def _local_step(blocks, optimizers, images, targets, free_grads: bool) -> Callab
     return step
 
 
-def _segments(model: nn.Module, cut: str) -> list[nn.Sequential]:
+def _parse_cut(text: str) -> str | list[int]:
+    """``"stage"``, ``"unit"``, or ``"0,1,3"`` → ``[0, 1, 3]`` (unit indices starting blocks)."""
+    return text if text in ("stage", "unit") else [int(part) for part in text.split(",")]
+
+
+def _segments(model: nn.Module, cut: str | list[int]) -> list[nn.Sequential]:
     """The bodies of the local blocks of ``cut``: the checkpointed segments of bp."""
     units = model.units()
     starts = cut_points(model, cut)

@@ -41,6 +41,7 @@ def _config(tmp_path, root, name, **training):
         "training": {"epochs": 3, "batch_size": 64, "label_smoothing": 0.1, **training},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "images"},
     }
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return load_config(path)
@@ -92,3 +93,26 @@ def test_corrupt_images_are_reported_before_training_or_skipped(tmp_path, digits
     config.data.on_corrupt = "skip"
     result = run_study(config)
     assert 0 <= result.fold_metrics[0]["test/accuracy"] <= 1
+
+
+def test_an_interrupted_image_study_resumes_to_the_same_result(tmp_path, digits_root, monkeypatch):
+    from enn_neuro.training import loop
+
+    reference = run_study(_config(tmp_path / "a", digits_root, "resume", epochs=2))
+
+    # the same study, interrupted after its first epoch's checkpoint, then resumed
+    config = _config(tmp_path / "b", digits_root, "resume", epochs=2)
+    original = loop.save_checkpoint
+
+    def interrupt_after_epoch_zero(state, path):
+        original(state, path)
+        if path.name == "last.pt" and state["loop"]["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", interrupt_after_epoch_zero)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(config)
+    monkeypatch.undo()
+    resumed = run_study(config, resume=True)
+    for key, value in reference.fold_metrics[0].items():
+        assert resumed.fold_metrics[0][key] == pytest.approx(value, abs=1e-6), key

@@ -378,13 +378,15 @@ def _write_csv(frame, path: str) -> None:
 
 
 def _print_summary(summary: dict, tracking_uri: str | None) -> None:
-    print("test metrics over folds (mean, 95% CI):")
+    folds = max((values["n"] for values in summary.values()), default=0)
+    if folds > 1:
+        print(f"test metrics over {folds} folds (mean, 95% CI):")
+    else:
+        print("test metrics (one split: no interval):")
     for name, values in summary.items():
         if name.startswith("test/") and "block" not in name and name != "test/loss":
-            print(
-                f"  {name.removeprefix('test/'):<18} {values['mean']:.3f} "
-                f"[{values['ci_low']:.3f}, {values['ci_high']:.3f}]"
-            )
+            interval = f" [{values['ci_low']:.3f}, {values['ci_high']:.3f}]" if folds > 1 else ""
+            print(f"  {name.removeprefix('test/'):<18} {values['mean']:.3f}{interval}")
     print(f"compare runs with: enn-neuro ui --tracking-uri {tracking_uri or 'sqlite:///mlflow.db'}")
 
 

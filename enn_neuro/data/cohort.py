@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from enn_neuro.choices import parse_choice
+
 __all__ = [
     "Cohort",
     "CohortError",
@@ -369,11 +371,7 @@ def read_bids(
 
 
 def _parse_task(task: Task | str) -> Task:
-    try:
-        return Task(task)
-    except ValueError:
-        options = [t.value for t in Task]
-        raise ValueError(f"task must be one of {options}, got {task!r}") from None
+    return parse_choice(Task, task, "task")
 
 
 def _read_text_table(path: Path) -> pd.DataFrame:

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from enn_neuro.choices import parse_choice
+
 __all__ = [
     "ENNConv1d",
     "ENNConv2d",
@@ -307,13 +309,7 @@ class _ENNConvNd(ENNLayer):
             self.padding: str | tuple[int, ...] = padding
         else:
             self.padding = _ntuple(padding, d, "padding", minimum=0)
-        try:
-            self.padding_mode = _PaddingMode(padding_mode).value
-        except ValueError:
-            options = [m.value for m in _PaddingMode]
-            raise ValueError(
-                f"padding_mode must be one of {options}, got {padding_mode!r}"
-            ) from None
+        self.padding_mode = parse_choice(_PaddingMode, padding_mode, "padding_mode").value
         super().__init__(in_channels, out_channels, kernel_size, groups, bias, rank, device, dtype)
         self._explicit_padding = self._padding_per_side()
 

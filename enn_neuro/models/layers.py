@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from enn_neuro.choices import parse_choice
 from enn_neuro.enn import ENNConv1d, ENNConv2d, ENNConv3d, ENNLayer, ENNLinear
 
 __all__ = ["LayerKind", "LayerSpec", "NormKind", "init_weights_"]
@@ -60,8 +61,8 @@ class LayerSpec:
     def __post_init__(self) -> None:
         if self.spatial_dims not in (1, 2, 3):
             raise ValueError(f"spatial_dims must be 1, 2 or 3, got {self.spatial_dims!r}")
-        object.__setattr__(self, "layer", _parse(LayerKind, self.layer, "layer"))
-        object.__setattr__(self, "norm", _parse(NormKind, self.norm, "norm"))
+        object.__setattr__(self, "layer", parse_choice(LayerKind, self.layer, "layer"))
+        object.__setattr__(self, "norm", parse_choice(NormKind, self.norm, "norm"))
         if not isinstance(self.norm_groups, int) or self.norm_groups < 1:
             raise ValueError(f"norm_groups must be a positive integer, got {self.norm_groups!r}")
 
@@ -133,11 +134,3 @@ def init_weights_(model: nn.Module, linear_std: float = 0.01) -> nn.Module:
         elif isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
             module.reset_parameters()
     return model
-
-
-def _parse(enum_class: type[enum.Enum], value, field: str):
-    try:
-        return enum_class(value)
-    except ValueError:
-        options = [member.value for member in enum_class]
-        raise ValueError(f"{field} must be one of {options}, got {value!r}") from None

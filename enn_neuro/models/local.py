@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from enn_neuro.choices import parse_choice
 from enn_neuro.models.layers import LayerSpec, init_weights_
 
 __all__ = [
@@ -79,11 +80,7 @@ class LocalHead(nn.Module):
         hidden_channels: int | None = None,
     ) -> None:
         super().__init__()
-        try:
-            self.kind = HeadKind(kind)
-        except ValueError:
-            options = [k.value for k in HeadKind]
-            raise ValueError(f"head kind must be one of {options}, got {kind!r}") from None
+        self.kind = parse_choice(HeadKind, kind, "head kind")
         if self.kind is HeadKind.CONV_POOL_LINEAR:
             hidden_channels = hidden_channels or in_channels
             self.mix = nn.Sequential(

@@ -42,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except NonFiniteLossError as err:
+        logger.debug("traceback", exc_info=True)  # shown with --verbose
         print(f"error: training stopped: {err}", file=sys.stderr)
         return EXIT_TRAINING_FAILED
     except (
@@ -51,7 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         LeakageError,
         FileNotFoundError,
         ValueError,
+        NotImplementedError,
     ) as err:
+        logger.debug("traceback", exc_info=True)  # shown with --verbose
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -164,11 +164,23 @@ class _StudyBase(_Section):
 
     @model_validator(mode="after")
     def _consistent(self):
-        from enn_neuro.training.metrics import selection_direction
+        from enn_neuro.training.metrics import (
+            CLASSIFICATION_METRICS,
+            REGRESSION_METRICS,
+            selection_direction,
+        )
 
         metric = self.training.selection_metric
         if metric is not None:
             selection_direction(metric)
+            allowed = (
+                REGRESSION_METRICS if self.data.task == "regression" else CLASSIFICATION_METRICS
+            )
+            if metric not in allowed:
+                raise ValueError(
+                    f"training.selection_metric {metric!r} does not apply to a "
+                    f"{self.data.task} task; choose one of {sorted(allowed)}"
+                )
         if self.training.stage_parallel and self.training.mode != "local":
             raise ValueError(
                 f"training.stage_parallel needs training.mode 'local', got {self.training.mode!r}"

@@ -105,3 +105,22 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(saved)
     assert again.resolved() == config.resolved()
     assert again.fingerprint() == config.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            "data: {cohort: c.csv, target: age, task: regression}\n"
+            "training: {selection_metric: balanced_accuracy}\n",
+            r"selection_metric 'balanced_accuracy' does not apply to a regression task",
+        ),
+        (
+            "data: {cohort: c.csv, target: dx}\ntraining: {selection_metric: mae}\n",
+            r"selection_metric 'mae' does not apply to a classification task",
+        ),
+    ],
+)
+def test_selection_metric_must_fit_the_task(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, "study: {name: s}\n" + extra))

@@ -93,8 +93,11 @@ def make_splits(
         # small strata: scikit-learn warns and still balances what it can
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         folds = list(outer.split(subjects, strata, groups=subjects["subject_id"]))
+    labels_only = _strata(subjects, cohort.task, (), n_bins)
     for fold, (train_index, test_index) in enumerate(folds):
-        train_part, val_part = _inner_split(train_index, strata, val_fraction, seed + fold)
+        train_part, val_part = _inner_split(
+            train_index, (strata, labels_only), val_fraction, seed + fold
+        )
         for index, role in (
             *((i, Role.TRAIN) for i in train_part),
             *((i, Role.VAL) for i in val_part),
@@ -217,14 +220,25 @@ def _strata(
 
 
 def _inner_split(
-    train_index: np.ndarray, strata: np.ndarray, val_fraction: float, seed: int
+    train_index: np.ndarray,
+    strata_choices: Sequence[np.ndarray],
+    val_fraction: float,
+    seed: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Splits a fold's training subjects into train and validation, stratified if possible."""
-    labels = strata[train_index]
-    counts = pd.Series(labels).value_counts()
+    """Splits a fold's training subjects into train and validation, as stratified as possible.
+
+    The first of ``strata_choices`` that fits is used (joint strata, then the label alone);
+    the split is unstratified only if none does.
+    """
     n_val = max(1, round(val_fraction * len(train_index)))
-    # stratification needs every stratum twice and room for one subject of each in val
-    stratify = labels if counts.min() >= 2 and n_val >= len(counts) else None
+    stratify = None
+    for strata in strata_choices:
+        labels = strata[train_index]
+        counts = pd.Series(labels).value_counts()
+        # every stratum twice, room for one of each in val and in train
+        if counts.min() >= 2 and len(counts) <= min(n_val, len(train_index) - n_val):
+            stratify = labels
+            break
     if stratify is None:
         logger.warning("validation split not stratified: strata too small (%s)", dict(counts))
     train_part, val_part = train_test_split(

@@ -109,8 +109,10 @@ def init_distributed(
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        # with CUDA: NCCL for GPU tensors, gloo for the CPU tensors that stage-parallel mode
+        # and object collectives send
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
+            backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo",
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     logger.info("rank %d of %d on %s (%s)", rank, world_size, device, dist.get_backend())

@@ -70,6 +70,14 @@ def image_plan(config: ImageConfig, context: DistributedContext) -> StudyPlan:
 
     # selection images: a class-stratified share of train/, never trained on
     labels = [label for _, label in train_samples]
+    counts = np.bincount(labels, minlength=len(classes))
+    n_val = int(np.ceil(data.val_fraction * len(labels)))
+    if counts.min() < 2 or n_val < len(classes):
+        raise ValueError(
+            f"{data.root / 'train'}: holding out data.val_fraction={data.val_fraction} per "
+            f"class needs 2 images of every class and at least one selection image per class "
+            f"({len(classes)}); the smallest class has {counts.min()}, the hold-out {n_val}"
+        )
     train_index, val_index = train_test_split(
         np.arange(len(train_samples)),
         test_size=data.val_fraction,
@@ -150,7 +158,10 @@ def _loaders(
             sampler=sampler,
             num_workers=data.num_workers,
             pin_memory=True,
-            persistent_workers=data.num_workers > 0,
+            # training workers start afresh each epoch, seeded from the epoch's seed: kept
+            # alive, they would carry their augmentation state across epochs and a resumed
+            # run would draw differently
+            persistent_workers=data.num_workers > 0 and role != "train",
         )
     return loaders
 

@@ -75,6 +75,11 @@ def load_trained_model(
     if checkpoint is not None:
         saved = load_checkpoint(checkpoint)
         config = validate_config(saved["config"], source=str(checkpoint))
+        if config.pipeline != "cohort3d":
+            raise NotImplementedError(
+                f"{checkpoint}: predict and evaluate serve 3D cohort models; this one is from "
+                f"a {config.pipeline!r} study (its test predictions are in its fold folder)"
+            )
         task = config.data.task
         classes = list(saved["classes"])
         model = create_model(

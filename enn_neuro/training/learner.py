@@ -114,7 +114,9 @@ class Learner:
         self.optimizers = [_optimizer(group, config) for group in groups]
 
         # what the steps run: DDP wrappers averaging gradients over ranks, or the modules
-        self.train_model = self._data_parallel(self.model)
+        # (in local mode only the blocks train: no wrapper, and no gradient buckets, for the
+        # whole model)
+        self.train_model = self._data_parallel(self.model) if self.blocks is None else self.model
         self.train_blocks = (
             None if self.blocks is None else [self._data_parallel(b) for b in self.blocks]
         )
@@ -123,6 +125,13 @@ class Learner:
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
         self.amp_dtype = torch.float16 if use_fp16 else torch.bfloat16
         self.use_amp = training.amp and device.type == "cuda"
+
+    def sync_buffers(self) -> None:
+        """Gives every rank rank 0's buffers (BatchNorm statistics) before an evaluation."""
+        if not self.context.enabled:
+            return
+        for buffer in [*self.model.buffers(), *self.heads.buffers()]:
+            torch.distributed.broadcast(buffer, src=0)
 
     def _data_parallel(self, module: nn.Module) -> nn.Module:
         if not self.context.enabled:

@@ -10,6 +10,7 @@ same numbers as one never interrupted.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import sys
 import time
@@ -157,6 +158,11 @@ def fit(
     main = context.is_main
     metric = default_metric(config)
     higher_is_better = selection_direction(metric)
+    if metric == "top5_accuracy" and len(classes) <= 5:
+        raise ValueError(
+            f"training.selection_metric 'top5_accuracy' needs more than 5 classes, got "
+            f"{len(classes)}"
+        )
     last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
 
     state = {
@@ -198,15 +204,21 @@ def fit(
             state = context.broadcast(None)  # rank 0 validates and decides
             continue
 
-        # validate
+        # validate (every rank with rank 0's normalisation statistics, as best.pt holds)
+        learner.sync_buffers()
         val_metrics = evaluate(learner, predict_loader(learner, val_loader), classes, prefix="val/")
         score = val_metrics[f"val/{metric}"]
-        improved = state["best_score"] is None or (
-            score > state["best_score"] if higher_is_better else score < state["best_score"]
+        # a NaN score (e.g. AUC with one class in the validation set) never improves; the
+        # first epoch is still kept, so that a best model always exists
+        improved = math.isfinite(score) and (
+            state["best_score"] is None
+            or (score > state["best_score"] if higher_is_better else score < state["best_score"])
         )
-        if improved:
-            state.update(best_score=score, best_epoch=epoch, stale_epochs=0)
-        if improved and main:
+        provisional = state["best_epoch"] < 0
+        if improved or provisional:
+            best_score = score if improved else None
+            state.update(best_score=best_score, best_epoch=epoch, stale_epochs=0)
+        if (improved or provisional) and main:
             save_checkpoint(
                 {
                     "format": CHECKPOINT_FORMAT,
@@ -224,7 +236,7 @@ def fit(
                 },
                 best_path,
             )
-        if not improved:
+        if not (improved or provisional):
             state["stale_epochs"] += 1
         if training.patience is not None and state["stale_epochs"] >= training.patience:
             state["stopped_early"] = True
@@ -237,7 +249,7 @@ def fit(
             **learner.orthogonality_summary(),
             "lr": learning_rate,
             "best/epoch": state["best_epoch"],
-            f"best/val_{metric}": state["best_score"],
+            f"best/val_{metric}": math.nan if state["best_score"] is None else state["best_score"],
         }
         state["history"].append({k: float(v) for k, v in epoch_metrics.items()})
         if pipeline is not None:
@@ -260,7 +272,7 @@ def fit(
     context.barrier()  # best.pt is complete before any rank reads it
     if state["stopped_early"]:
         logger.info(
-            "fold %d: early stop after epoch %d (best %s %.4f at epoch %d)",
+            "fold %d: early stop after epoch %d (best %s %s at epoch %d)",
             fold,
             state["epoch"] - 1,
             metric,

@@ -37,6 +37,10 @@ _HIGHER_IS_BETTER = {
 }
 
 
+REGRESSION_METRICS = frozenset({"mae", "rmse", "r2", "pearson_r", "loss"})
+CLASSIFICATION_METRICS = frozenset(_HIGHER_IS_BETTER) - {"mae", "rmse", "r2", "pearson_r"}
+
+
 def selection_direction(metric: str) -> bool:
     """Whether a larger ``metric`` is better.
 

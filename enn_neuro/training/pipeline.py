@@ -116,6 +116,7 @@ class StagePipeline:
         steps = context.broadcast(len(loader) if context.is_main else None)
         batches = iter(loader) if context.is_main else None
         totals = {index: 0.0 for index in self.mine}
+        penalties = 0.0
         pending: list = []  # sends in flight, with the tensors they read
         waited = samples = 0.0
         start = time.perf_counter()
@@ -133,10 +134,11 @@ class StagePipeline:
             # a local step on each block of this stage
             where = f"fold {fold}, epoch {epoch}, step {step}"
             for index in self.mine:
-                features, task_loss, _ = learner.local_block_step(
+                features, task_loss, penalty = learner.local_block_step(
                     index, features, targets, where, global_step
                 )
                 totals[index] += task_loss
+                penalties += penalty
 
             # pass on: asynchronous, nothing comes back
             if rank < last_rank:
@@ -149,6 +151,7 @@ class StagePipeline:
 
         elapsed = time.perf_counter() - start
         stats = {f"train/block{i}_loss": total / max(steps, 1) for i, total in totals.items()}
+        stats[f"train/stage{rank}_penalty"] = penalties / max(steps, 1)
         stats[f"train/stage{rank}_wait_s"] = waited
         stats[f"train/stage{rank}_busy_share"] = 1 - waited / max(elapsed, 1e-9)
         stats["train/samples_per_s"] = samples / max(elapsed, 1e-9)
@@ -187,9 +190,16 @@ class StagePipeline:
             merged_stats.update(part["stats"])
         learner.model.load_state_dict(model_state)
         learner.heads.load_state_dict(head_state)
-        last_block = learner.num_blocks - 1
-        merged_stats["train/loss"] = merged_stats[f"train/block{last_block}_loss"]
-        merged_stats["train/task_loss"] = merged_stats["train/loss"]
+        # as in sequential local mode: loss sums every block's task loss and penalty,
+        # task_loss is the last block's
+        blocks = range(learner.num_blocks)
+        stages = range(self.context.world_size)
+        penalty = sum(merged_stats.pop(f"train/stage{k}_penalty") for k in stages)
+        merged_stats["train/penalty"] = penalty
+        merged_stats["train/task_loss"] = merged_stats[f"train/block{blocks[-1]}_loss"]
+        merged_stats["train/loss"] = (
+            sum(merged_stats[f"train/block{i}_loss"] for i in blocks) + penalty
+        )
         merged_stats["train/samples_per_s"] = min(
             p["stats"]["train/samples_per_s"] for p in gathered
         )

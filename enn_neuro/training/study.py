@@ -428,7 +428,10 @@ def _loaders(
             sampler=sampler,
             num_workers=data.num_workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=data.num_workers > 0,
+            # training workers start afresh each epoch, seeded from the epoch's seed: kept
+            # alive, they would carry their augmentation state across epochs and a resumed
+            # run would draw differently
+            persistent_workers=data.num_workers > 0 and role != "train",
         )
     return loaders
 

@@ -149,3 +149,19 @@ class TestSplitTableFiles:
         path.write_text(rows)
         with pytest.raises(ValueError, match=message):
             read_split_table(path, _cohort())
+
+
+def test_validation_split_falls_back_to_the_label_when_joint_strata_are_too_small():
+    # 12 subjects in 4 label × site strata of 3: too many strata for a validation part of 2
+    records = [
+        ImageRecord(f"s{i:02d}", f"/d/s{i:02d}.nii.gz", ["a", "b"][i % 2], site=f"site{i % 4}")
+        for i in range(12)
+    ]
+    cohort = Cohort(records, Task.CLASSIFICATION, "dx", "/d/c.csv", classes=["a", "b"])
+    labels = {r.subject_id: r.target for r in records}
+    # unstratified, 2 of 3 + 3 subjects share a label 40% of the time: 20 folds would show it
+    for seed in range(10):
+        table = make_splits(cohort, n_folds=2, val_fraction=0.34, stratify_by=["site"], seed=seed)
+        for _, part in table.groupby("fold"):
+            val = part[part["role"] == "val"]["subject_id"]
+            assert {labels[s] for s in val} == {"a", "b"}, seed

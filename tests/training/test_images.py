@@ -116,3 +116,20 @@ def test_an_interrupted_image_study_resumes_to_the_same_result(tmp_path, digits_
     resumed = run_study(config, resume=True)
     for key, value in reference.fold_metrics[0].items():
         assert resumed.fold_metrics[0][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_too_small_a_holdout_is_a_clear_error(tmp_path, digits_root):
+    config = _config(tmp_path, digits_root, "tiny", epochs=1)
+    config.data.max_train_per_class = 1
+    with pytest.raises(ValueError, match=r"needs 2 images of every class .*smallest class has 1"):
+        run_study(config)
+
+
+def test_predict_refuses_a_2d_checkpoint_clearly(tmp_path, digits_root):
+    from enn_neuro.training.inference import load_trained_model
+
+    config = _config(tmp_path, digits_root, "refuse", epochs=1)
+    config.model.base_width = 4
+    result = run_study(config)
+    with pytest.raises(NotImplementedError, match="predict and evaluate serve 3D cohort models"):
+        load_trained_model(result.study_dir / "fold-0" / "best.pt")

@@ -217,3 +217,28 @@ def test_kill_9_and_resume_finishes_with_the_same_metrics(tmp_path, demo_cohort,
     _, parents, children = _runs(f"sqlite:///{killed_dir / 'mlflow.db'}")
     assert len(parents) == 1 and len(children) == 2
     assert all(r.info.status == "FINISHED" for r in parents + children)
+
+
+def test_a_nan_validation_score_never_counts_as_the_best(
+    tmp_path, demo_cohort, cache_dir, monkeypatch
+):
+    from enn_neuro.training import loop
+
+    config = load_config(
+        tiny_config(tmp_path, demo_cohort, cache_dir, training={"epochs": 3, "patience": 5})
+    )
+    original = loop.evaluate
+    calls = {"val": 0}
+
+    def nan_first(learner, predictions, classes, prefix=""):
+        metrics = original(learner, predictions, classes, prefix)
+        if prefix == "val/":
+            calls["val"] += 1
+            if calls["val"] in (1, 4):  # each fold's first epoch
+                metrics["val/balanced_accuracy"] = float("nan")
+        return metrics
+
+    monkeypatch.setattr(loop, "evaluate", nan_first)
+    result = run_study(config)
+    best = torch.load(result.study_dir / "fold-0" / "best.pt", weights_only=True)
+    assert best["epoch"] >= 1 and math.isfinite(best["score"])

@@ -373,11 +373,9 @@ def _packaged_config(name: str) -> Path:
 
 
 def _write_csv(frame, path: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    frame.to_csv(temporary, index=False)
-    temporary.replace(path)
+    from enn_neuro.files import write_text_atomic
+
+    write_text_atomic(path, frame.to_csv(index=False))
 
 
 def _print_summary(summary: dict, tracking_uri: str | None) -> None:

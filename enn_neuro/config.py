@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from enn_neuro.data.transforms import AugmentationConfig, PreprocessingConfig
+from enn_neuro.files import write_text_atomic
 
 __all__ = [
     "Config",
@@ -333,12 +334,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
 
 def save_config(config: Config, path: str | Path) -> Path:
     """Writes the resolved configuration as YAML, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(yaml.safe_dump(config.resolved(), sort_keys=False))
-    temporary.replace(path)
-    return path
+    return write_text_atomic(path, yaml.safe_dump(config.resolved(), sort_keys=False))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -22,6 +22,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from enn_neuro.data.cohort import Cohort, Task
+from enn_neuro.files import write_text_atomic
 
 __all__ = [
     "LeakageError",
@@ -151,12 +152,8 @@ def check_leakage(
 
 def write_split_table(split_table: pd.DataFrame, path: str | Path) -> Path:
     """Writes the table as TSV (or CSV for a ``.csv`` path), atomically."""
-    path = Path(path)
-    separator = "," if path.suffix.lower() == ".csv" else "\t"
-    temporary = path.with_name(path.name + ".tmp")
-    split_table[SPLIT_COLUMNS].to_csv(temporary, sep=separator, index=False)
-    temporary.replace(path)
-    return path
+    separator = "," if Path(path).suffix.lower() == ".csv" else "\t"
+    return write_text_atomic(path, split_table[SPLIT_COLUMNS].to_csv(sep=separator, index=False))
 
 
 def read_split_table(path: str | Path, cohort: Cohort) -> pd.DataFrame:

@@ -32,8 +32,8 @@ from enn_neuro.data.images2d import (
     scan_image_folder,
     train_transform,
 )
-from enn_neuro.training.distributed import DistributedContext, EpochSampler, ShardSampler
-from enn_neuro.training.study import FoldData, StudyPlan, study_tags
+from enn_neuro.training.distributed import DistributedContext
+from enn_neuro.training.study import FoldData, StudyPlan, make_loader, study_tags
 
 __all__ = ["image_plan"]
 
@@ -136,7 +136,7 @@ def _loaders(
     classes: list[str],
     context: DistributedContext,
 ) -> dict[str, DataLoader]:
-    data, training = config.data, config.training
+    data = config.data
     on_error = "skip" if data.on_corrupt == "skip" else "raise"
     training_transform = train_transform(
         data.image_size, scale=data.crop_scale, ratio=data.crop_ratio, hflip_p=data.hflip_p
@@ -146,23 +146,7 @@ def _loaders(
     for role, samples in parts.items():
         transform = training_transform if role == "train" else evaluation_transform
         dataset = ImageFolderDataset(samples, classes, transform, on_error=on_error)
-        if role == "train":
-            sampler = EpochSampler(len(dataset), training.batch_size, context)
-            batch_size = training.batch_size // context.world_size
-        else:
-            sampler = ShardSampler(len(dataset), context)
-            batch_size = training.eval_batch_size or training.batch_size
-        loaders[role] = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=data.num_workers,
-            pin_memory=True,
-            # training workers start afresh each epoch, seeded from the epoch's seed: kept
-            # alive, they would carry their augmentation state across epochs and a resumed
-            # run would draw differently
-            persistent_workers=data.num_workers > 0 and role != "train",
-        )
+        loaders[role] = make_loader(dataset, role, config.training, data.num_workers, context)
     return loaders
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +26,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from enn_neuro.config import Config, ImageConfig, flatten, save_config
+from enn_neuro.config import Config, ImageConfig, TrainingConfig, flatten, save_config
 from enn_neuro.data.cohort import Cohort, load_cohort
 from enn_neuro.data.dataset import make_dataset
 from enn_neuro.data.splits import check_leakage, make_splits, read_split_table, write_split_table
 from enn_neuro.data.validation import ValidationReport, validate_cohort
 from enn_neuro.enn import to_plain
+from enn_neuro.files import write_text_atomic
 from enn_neuro.tracking import NullTracker, StudyTracker
 from enn_neuro.training.distributed import (
     DistributedContext,
@@ -62,6 +62,7 @@ __all__ = [
     "StudyResult",
     "check_stage_parallel",
     "cohort_plan",
+    "make_loader",
     "prepare_cohort",
     "run_plan",
     "run_study",
@@ -407,7 +408,6 @@ def _loaders(
     """Training batches sharded as in ``Note [global batch]``; evaluation in ordered shards."""
     data, training = config.data, config.training
     augmentation = config.augmentation if config.augmentation.enabled else None
-    eval_batch = training.eval_batch_size or training.batch_size
     loaders = {}
     for role in ("train", "val", "test"):
         dataset = make_dataset(
@@ -416,24 +416,38 @@ def _loaders(
             augmentation if role == "train" else None,
             data.cache_dir,
         )
-        if role == "train":
-            sampler = EpochSampler(len(dataset), training.batch_size, context)
-            batch_size = training.batch_size // context.world_size
-        else:
-            sampler = ShardSampler(len(dataset), context)
-            batch_size = eval_batch
-        loaders[role] = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=data.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            # training workers start afresh each epoch, seeded from the epoch's seed: kept
-            # alive, they would carry their augmentation state across epochs and a resumed
-            # run would draw differently
-            persistent_workers=data.num_workers > 0 and role != "train",
-        )
+        loaders[role] = make_loader(dataset, role, training, data.num_workers, context)
     return loaders
+
+
+def make_loader(
+    dataset: Dataset,
+    role: str,
+    training: TrainingConfig,
+    num_workers: int,
+    context: DistributedContext,
+) -> DataLoader:
+    """The loader of one role: sharded global batches for ``train``, ordered shards otherwise.
+
+    See ``Note [global batch]`` in :mod:`enn_neuro.training.distributed`.
+    """
+    if role == "train":
+        sampler = EpochSampler(len(dataset), training.batch_size, context)
+        batch_size = training.batch_size // context.world_size
+    else:
+        sampler = ShardSampler(len(dataset), context)
+        batch_size = training.eval_batch_size or training.batch_size
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        # training workers start afresh each epoch, seeded from the epoch's seed: kept alive,
+        # they would carry their augmentation state across epochs and a resumed run would
+        # draw differently
+        persistent_workers=num_workers > 0 and role != "train",
+    )
 
 
 def _check_study(study_dir: Path, config: Config | ImageConfig, resume: bool) -> dict[str, Any]:
@@ -460,10 +474,7 @@ def _check_study(study_dir: Path, config: Config | ImageConfig, resume: bool) ->
 def _write_state(study_dir: Path, state: dict[str, Any], main: bool) -> None:
     if not main:
         return
-    path = study_dir / "study.json"
-    temporary = path.with_name(f".study.json.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(state, indent=2))
-    temporary.replace(path)
+    write_text_atomic(study_dir / "study.json", json.dumps(state, indent=2))
 
 
 def study_tags(config: Config | ImageConfig, content_hashes: Sequence[str]) -> dict[str, str]:

@@ -13,6 +13,7 @@ from torch import nn
 
 from enn_neuro.choices import parse_choice
 from enn_neuro.enn import ENNConv1d, ENNConv2d, ENNConv3d, ENNLayer, ENNLinear
+from enn_neuro.models.pooling import IndexMaxPool
 
 __all__ = ["LayerKind", "LayerSpec", "NormKind", "init_weights_"]
 
@@ -38,7 +39,6 @@ _CONV = {
 }
 _BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _INSTANCE_NORM = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
-_MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 _AVG_POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
 
 
@@ -88,8 +88,8 @@ class LayerSpec:
         return nn.GroupNorm(groups, channels)
 
     def max_pool(self, kernel_size: int, stride: int, padding: int) -> nn.Module:
-        """Max pooling of the model's dimensionality."""
-        return _MAX_POOL[self.spatial_dims](kernel_size, stride, padding)
+        """Max pooling of the model's dimensionality that saves only indices for backward."""
+        return IndexMaxPool(self.spatial_dims, kernel_size, stride, padding)
 
     def global_pool(self) -> nn.Module:
         """Global average pooling to one value per channel: ``(B, C, *S) → (B, C, 1, ...)``."""

@@ -26,6 +26,7 @@ from enn_neuro.enn.penalty import (
     orthogonality_penalty,
     retract_,
     scheduled_penalty,
+    weight_decay_groups,
 )
 
 __all__ = [
@@ -47,4 +48,5 @@ __all__ = [
     "scheduled_penalty",
     "to_enn",
     "to_plain",
+    "weight_decay_groups",
 ]

@@ -23,7 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from enn_neuro.config import Config
-from enn_neuro.enn import orthogonality_drift, retract_, scheduled_penalty
+from enn_neuro.enn import (
+    orthogonality_drift,
+    retract_,
+    scheduled_penalty,
+    weight_decay_groups,
+)
 from enn_neuro.models import create_model, split_model
 from enn_neuro.training.distributed import DistributedContext
 
@@ -99,19 +104,19 @@ class Learner:
             # batch statistics over the global batch, as one process would compute them
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
 
-        # parameter groups: the whole model (bp) or one per local block
+        # one optimizer for the whole model (bp) or one per local block
         training = config.training
         if training.mode == "local":
             self.blocks = split_model(self.model, training.local.cut, training.local.head).to(
                 device
             )
             self.heads = nn.ModuleList([block.head for block in self.blocks[:-1]])
-            groups = [list(block.parameters()) for block in self.blocks]
+            trained = list(self.blocks)
         else:
             self.blocks = None
             self.heads = nn.ModuleList()
-            groups = [list(self.model.parameters())]
-        self.optimizers = [_optimizer(group, config) for group in groups]
+            trained = [self.model]
+        self.optimizers = [_optimizer(module, config) for module in trained]
 
         # what the steps run: DDP wrappers averaging gradients over ranks, or the modules
         # (in local mode only the blocks train: no wrapper, and no gradient buckets, for the
@@ -354,14 +359,14 @@ class Learner:
         self.target_std = float(state["target_std"])
 
 
-def _optimizer(parameters: list[nn.Parameter], config: Config) -> torch.optim.Optimizer:
+def _optimizer(module: nn.Module, config: Config) -> torch.optim.Optimizer:
+    """The configured optimizer over ``module``; Q and P are not decayed (λ is)."""
     optim = config.optim
+    groups = weight_decay_groups(module, optim.weight_decay)
     if optim.name == "sgd":
-        return torch.optim.SGD(
-            parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
-        )
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
     optimizer_class = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
-    return optimizer_class(parameters, lr=optim.lr, weight_decay=optim.weight_decay)
+    return optimizer_class(groups, lr=optim.lr)
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, config: Config):

@@ -13,6 +13,7 @@ from enn_neuro.enn import (
     orthogonality_penalty,
     retract_,
     scheduled_penalty,
+    weight_decay_groups,
 )
 from tests.conftest import relative_error
 
@@ -153,3 +154,40 @@ class TestScheduledPenalty:
             scheduled_penalty(_model(), step=0, every=0)
         with pytest.raises(ValueError, match="penalty weight must be ≥ 0, got -1"):
             scheduled_penalty(_model(), step=0, weight=-1)
+
+
+class TestWeightDecayGroups:
+    def test_decays_lambda_and_plain_parameters_not_the_factors(self):
+        model = nn.Sequential(_model(), nn.Linear(10, 3))
+        decayed, factors = weight_decay_groups(model, 1e-4)
+        assert decayed["weight_decay"] == 1e-4 and factors["weight_decay"] == 0.0
+        names = {id(p): name for name, p in model.named_parameters()}
+        assert {names[id(p)].rsplit(".", 1)[-1] for p in factors["params"]} == {"Q", "P"}
+        assert len(factors["params"]) == 6  # Q and P of three ENN layers
+        decayed_names = {names[id(p)] for p in decayed["params"]}
+        assert {"0.0.lam", "0.0.bias", "1.weight", "1.bias"} <= decayed_names
+        assert len(decayed["params"]) + len(factors["params"]) == len(list(model.parameters()))
+
+    def test_a_plain_model_gets_one_group(self):
+        groups = weight_decay_groups(nn.Linear(4, 2), 0.1)
+        assert len(groups) == 1 and len(groups[0]["params"]) == 2
+
+    def test_decoupled_decay_shrinks_the_weight_as_for_a_plain_layer(self):
+        enn, plain = ENNConv2d(3, 8, 3), nn.Conv2d(3, 8, 3)
+        plain.weight.data.copy_(enn.weight.detach())
+        weight, Q, P = enn.weight.detach().clone(), enn.Q.detach().clone(), enn.P.detach().clone()
+        steps, lr, decay = 3, 0.1, 0.5
+        for module in (enn, plain):
+            optimizer = torch.optim.AdamW(weight_decay_groups(module, decay), lr=lr)
+            for _ in range(steps):
+                for parameter in module.parameters():
+                    parameter.grad = torch.zeros_like(parameter)  # decay alone moves them
+                optimizer.step()
+        expected = (1 - lr * decay) ** steps * weight
+        assert relative_error(enn.weight, expected) < 1e-6
+        assert relative_error(plain.weight, expected) < 1e-6
+        assert torch.equal(enn.Q, Q) and torch.equal(enn.P, P)
+
+    def test_negative_decay_is_named(self):
+        with pytest.raises(ValueError, match="weight_decay must be ≥ 0, got -0.1"):
+            weight_decay_groups(_model(), -0.1)

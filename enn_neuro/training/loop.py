@@ -274,10 +274,10 @@ def fit(
         logger.info(
             "fold %d: early stop after epoch %d (best %s %s at epoch %d)",
             fold,
-            state["epoch"] - 1,
+            state["epoch"],  # epochs count from 1 in log lines, from 0 in metrics
             metric,
             state["best_score"],
-            state["best_epoch"],
+            state["best_epoch"] + 1,
         )
     return FitResult(
         best_epoch=state["best_epoch"],
@@ -457,18 +457,18 @@ def _progress(loader: DataLoader, description: str):
 
 
 def _log_epoch_line(fold: int, epoch: int, epochs: int, metrics: dict, metric: str) -> None:
+    selection = "" if metric == "loss" else f", val {metric} {metrics[f'val/{metric}']:.4f}"
     logger.info(
-        "fold %d epoch %d/%d: train loss %.4f, val loss %.4f, val %s %.4f (best %.4f at %d), "
+        "fold %d epoch %d/%d: train loss %.4f, val loss %.4f%s (best %.4f at epoch %d), "
         "%.1f samples/s, %.1fs",
         fold,
         epoch + 1,
         epochs,
         metrics["train/loss"],
         metrics["val/loss"],
-        metric,
-        metrics[f"val/{metric}"],
+        selection,
         metrics[f"best/val_{metric}"],
-        metrics["best/epoch"],
+        metrics["best/epoch"] + 1,
         metrics["train/samples_per_s"],
         metrics["train/epoch_s"],
     )

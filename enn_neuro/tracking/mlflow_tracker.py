@@ -2,11 +2,14 @@
 
 Runs are addressed by id through :class:`mlflow.MlflowClient`, never through MLflow's global
 "active run", so a resumed study logs into the very runs it started and folds cannot log into
-each other's runs. Per-epoch metrics go out as one batch per epoch, asynchronously, so
-tracking costs the training loop almost nothing.
+each other's runs. Per-epoch metrics go out as one batch per epoch, so tracking costs the
+training loop one write per epoch; the loop waits for it before writing the epoch's
+checkpoint (see ``Note [log before checkpoint]`` in :mod:`enn_neuro.training.study`).
 
 The tracking URI is the configured one, else ``MLFLOW_TRACKING_URI``, else MLflow's own
-default: the local SQLite store ``mlflow.db`` in the current folder.
+default: the local SQLite store ``mlflow.db`` in the current folder. A new experiment in a
+SQLite store keeps its artifacts in ``mlartifacts/`` beside the database file, so that a
+store and its artifacts move, and are mounted, together.
 """
 
 from __future__ import annotations
@@ -44,9 +47,12 @@ class StudyTracker:
             mlflow.set_tracking_uri(self.tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (
-            found.experiment_id if found else self.client.create_experiment(experiment)
-        )
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=_artifacts_beside(mlflow.get_tracking_uri())
+            )
 
     # runs
 
@@ -93,8 +99,18 @@ class StudyTracker:
         for start in range(0, len(batch), 100):  # MLflow's batch limit for parameters
             self.client.log_batch(run_id, params=batch[start : start + 100], synchronous=True)
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-        """Logs finite scalar metrics at ``step`` in one asynchronous batch."""
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, float], step: int, synchronous: bool = True
+    ) -> None:
+        """Logs finite scalar metrics at ``step`` in one batch.
+
+        Args:
+            run_id: The run.
+            metrics: Name → value; NaN, infinities and non-numbers are left out.
+            step: The step (epoch) of every value.
+            synchronous: Return once the store holds them; otherwise in the background,
+                flushed by :meth:`end_run`.
+        """
         timestamp = int(time.time() * 1000)
         batch = [
             Metric(key, float(value), timestamp, step)
@@ -102,7 +118,13 @@ class StudyTracker:
             if isinstance(value, (int, float)) and math.isfinite(value)
         ]
         for start in range(0, len(batch), 1000):
-            self.client.log_batch(run_id, metrics=batch[start : start + 1000], synchronous=False)
+            self.client.log_batch(
+                run_id, metrics=batch[start : start + 1000], synchronous=synchronous
+            )
+
+    def logged_steps(self, run_id: str, key: str) -> set[int]:
+        """The steps at which ``key`` was logged in ``run_id`` (a resumed run's epochs)."""
+        return {metric.step for metric in self.client.get_metric_history(run_id, key)}
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         """Sets tags (mode, layer type, model, cohort hash, ...)."""
@@ -156,5 +178,20 @@ class NullTracker:
     def start_run(self, name: str, run_id: str | None = None, *args, **kwargs) -> str:
         return run_id or ""
 
+    def logged_steps(self, run_id: str, key: str) -> set[int]:
+        return set()
+
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: None
+
+
+def _artifacts_beside(tracking_uri: str) -> str | None:
+    """Where a new experiment's artifacts go: beside the database of a SQLite store.
+
+    ``None`` (MLflow's own choice) for a server or a file store, which place them themselves.
+    """
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    database = Path(tracking_uri.removeprefix(prefix)).resolve()
+    return (database.parent / "mlartifacts").as_uri()

@@ -71,6 +71,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Note [log before checkpoint]:
+#     An epoch's metrics reach the MLflow store (a synchronous batch) before the epoch's
+#     last.pt is written. A kill before the checkpoint re-runs the epoch on resume, with the
+#     same seeds; a kill after it loses nothing. The only window left, a kill between the two,
+#     would log the epoch twice: on resume the epochs the run already holds are not logged
+#     again, so every fold's history has each epoch exactly once.
+
 MAX_CLASSES_PLOTTED = 20  # confusion matrices and ROC curves beyond this are unreadable
 
 
@@ -273,15 +280,25 @@ def run_plan(
                     run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
                 )
                 raise
+            # the run is closed (its metrics flushed) before the fold counts as finished:
+            # a resume skips finished folds and would never close it
+            tracker.end_run(run_id)
             fold_state["status"] = "finished"
             _write_state(study_dir, state, main)
-            tracker.end_run(run_id)
             context.barrier()
     except BaseException as err:
         tracker.end_run(parent_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
 
-    # the study summary, on the parent run
+    # the study summary, on the parent run, over every finished fold (also those of earlier
+    # invocations, e.g. one `train --fold k` per fold)
+    for fold in plan.folds:
+        if fold not in fold_metrics and state["folds"].get(str(fold), {}).get("status") == (
+            "finished"
+        ):
+            fold_metrics[fold] = json.loads(
+                (study_dir / f"fold-{fold}" / "metrics.json").read_text()
+            )
     summary = summarize_folds([fold_metrics[f] for f in sorted(fold_metrics)])
     if not main:
         return StudyResult(study_dir, parent_id, fold_metrics, summary)
@@ -337,9 +354,12 @@ def _run_fold(
         example = loaders["train"].dataset[0]["image"]  # (C, *S)
         pipeline = StagePipeline(learner, context, (config.training.batch_size, *example.shape))
 
-    # train, selecting on validation only
+    # train, selecting on validation only; see Note [log before checkpoint]
+    logged_epochs = tracker.logged_steps(run_id, "train/loss") if resume else set()
+
     def log_epoch(metrics: dict[str, float], epoch: int) -> None:
-        tracker.log_metrics(run_id, metrics, step=epoch)
+        if epoch not in logged_epochs:
+            tracker.log_metrics(run_id, metrics, step=epoch, synchronous=True)
 
     result = fit(
         learner,

@@ -112,6 +112,11 @@ def test_study_logs_parent_and_fold_runs_with_params_metrics_artifacts(
     assert f"study/{main_metric}_ci_low" in parent.data.metrics
     assert {"config.yaml", "splits.tsv", "summary.json"} <= _artifacts(client, parent.info.run_id)
 
+    # artifacts live beside the SQLite store, not in the current folder
+    artifacts_dir = tmp_path / "mlartifacts"
+    assert parent.info.artifact_uri.startswith(artifacts_dir.as_uri())
+    assert any(path.name == "summary.json" for path in artifacts_dir.rglob("*"))
+
     # plain files beside MLflow; the test fold was predicted once per image
     study_dir = result.study_dir
     splits = pd.read_csv(study_dir / "splits.tsv", sep="\t")
@@ -143,14 +148,14 @@ def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(
     config = load_config(tiny_config(tmp_path, demo_cohort, cache_dir, training={"epochs": 3}))
     original = learner_module.Learner.train_step
 
-    def diverge_in_epoch_one(self, images, targets, where, step):
-        if "epoch 1," in where:
+    def diverge_in_the_second_epoch(self, images, targets, where, step):
+        if "epoch 2," in where:  # epochs and steps count from 1 in messages
             images = images * float("nan")
         return original(self, images, targets, where, step)
 
-    monkeypatch.setattr(learner_module.Learner, "train_step", diverge_in_epoch_one)
+    monkeypatch.setattr(learner_module.Learner, "train_step", diverge_in_the_second_epoch)
     with pytest.raises(
-        NonFiniteLossError, match=r"non-finite loss \(nan\) at fold 0, epoch 1, step 0"
+        NonFiniteLossError, match=r"non-finite loss \(nan\) at fold 0, epoch 2, step 1"
     ):
         run_study(config)
 
@@ -214,9 +219,15 @@ def test_kill_9_and_resume_finishes_with_the_same_metrics(tmp_path, demo_cohort,
     resumed_state = json.loads((killed_dir / "runs" / "study" / "study.json").read_text())
     assert resumed_state["parent_run_id"] == state["parent_run_id"]
     assert resumed_state["folds"]["1"]["run_id"] == state["folds"]["1"]["run_id"]
-    _, parents, children = _runs(f"sqlite:///{killed_dir / 'mlflow.db'}")
+    client, parents, children = _runs(f"sqlite:///{killed_dir / 'mlflow.db'}")
     assert len(parents) == 1 and len(children) == 2
     assert all(r.info.status == "FINISHED" for r in parents + children)
+
+    # every epoch of every fold in MLflow exactly once, as in the uninterrupted run
+    for child in children:
+        for key in ("train/loss", "val/loss"):
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
+            assert sorted(steps) == [0, 1, 2], (key, steps)
 
 
 def test_a_nan_validation_score_never_counts_as_the_best(

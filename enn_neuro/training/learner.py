@@ -36,7 +36,7 @@ __all__ = ["Learner", "NonFiniteLossError", "StepResult", "resolve_device"]
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or infinite; the message names fold, epoch and step."""
+    """A loss or gradient became NaN or infinite; the message names fold, epoch and step."""
 
 
 @dataclass
@@ -163,7 +163,8 @@ class Learner:
             step: Global step index (drives the penalty schedule).
 
         Raises:
-            NonFiniteLossError: If a loss is NaN or infinite (nothing is updated).
+            NonFiniteLossError: If a loss or a gradient norm is NaN or infinite (the step
+                that met it is not applied).
         """
         self._set_training(True)
         if self.blocks is None:
@@ -182,7 +183,7 @@ class Learner:
         penalty = self._penalty(self.model, step)
         loss = task_loss + penalty
         _check_finite(loss, where)
-        self._backward_and_step(loss, optimizer, self.model.parameters())
+        self._backward_and_step(loss, optimizer, self.model.parameters(), where)
         return StepResult(loss.item(), task_loss.item(), _value(penalty), [task_loss.item()])
 
     def _local_step(self, images, targets, where, step) -> StepResult:
@@ -214,7 +215,8 @@ class Learner:
             weighted penalty.
 
         Raises:
-            NonFiniteLossError: If the block's loss is NaN or infinite (nothing is updated).
+            NonFiniteLossError: If the block's loss or gradient norm is NaN or infinite (the
+                block is not updated).
         """
         block, optimizer = self.blocks[index], self.optimizers[index]
         self._set_training(True)
@@ -228,7 +230,7 @@ class Learner:
         penalty = self._penalty(block, step)
         loss = task_loss + penalty
         _check_finite(loss, f"{where}, block {index}")
-        self._backward_and_step(loss, optimizer, block.parameters())
+        self._backward_and_step(loss, optimizer, block.parameters(), f"{where}, block {index}")
         # free this block's gradients now: kept until its next step, every block's would sit
         # in memory while the others train (0.86× bp peak memory instead of 0.49×,
         # benchmarks/memory_local_vs_bp.py)
@@ -237,12 +239,19 @@ class Learner:
             retract_(block)
         return features.detach(), task_loss.item(), _value(penalty)
 
-    def _backward_and_step(self, loss, optimizer, parameters) -> None:
+    def _backward_and_step(self, loss, optimizer, parameters, where: str) -> None:
+        parameters = list(parameters)
         self.scaler.scale(loss).backward()
         clip = self.config.optim.grad_clip
         if clip is not None:
             self.scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(list(parameters), clip)
+            norm = nn.utils.clip_grad_norm_(parameters, clip)
+        elif not self.scaler.is_enabled():
+            norm = _gradient_norm(parameters)
+        if not self.scaler.is_enabled():
+            # a finite loss can still have an overflowing gradient, which the step would
+            # write into the weights (with fp16 the scaler skips such steps by itself)
+            _check_finite(norm, where, "gradient norm")
         self.scaler.step(optimizer)
         self.scaler.update()
 
@@ -391,8 +400,13 @@ def _value(term: torch.Tensor | float) -> float:
     return float(term.detach()) if isinstance(term, torch.Tensor) else float(term)
 
 
-def _check_finite(loss: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(loss):
+def _gradient_norm(parameters: list[nn.Parameter]) -> torch.Tensor:
+    norms = [p.grad.detach().norm() for p in parameters if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.zeros(())
+
+
+def _check_finite(value: torch.Tensor, where: str, what: str = "loss") -> None:
+    if not torch.isfinite(value):
         raise NonFiniteLossError(
-            f"non-finite loss ({loss.item()}) at {where}; the last good checkpoint is kept"
+            f"non-finite {what} ({value.item()}) at {where}; the last good checkpoint is kept"
         )

@@ -241,8 +241,8 @@ def fit(
         if training.patience is not None and state["stale_epochs"] >= training.patience:
             state["stopped_early"] = True
 
-        # log, then checkpoint: a kill in between re-runs this epoch with the same seeds and
-        # logs the same values again, rather than losing them
+        # log, then checkpoint: a kill in between re-runs this epoch with the same seeds, and
+        # nothing logged is lost (Note [log before checkpoint] in study.py)
         epoch_metrics = {
             **train_stats,
             **val_metrics,
@@ -296,13 +296,14 @@ def train_one_epoch(
     totals = {"loss": 0.0, "task_loss": 0.0, "penalty": 0.0}
     block_totals = [0.0] * learner.num_blocks
     samples, data_wait, steps = 0, 0.0, 0
-    progress = _progress(loader, f"fold {fold} epoch {epoch}")
+    epochs = learner.config.training.epochs
+    progress = _progress(loader, f"fold {fold} epoch {epoch + 1}/{epochs}")
     start = waited_since = time.perf_counter()
     for batch in progress:
         data_wait += time.perf_counter() - waited_since
         images = learner.prepare(batch["image"])  # (B, C, *S)
         targets = batch["label"].to(learner.device, non_blocking=True)  # (B,)
-        where = f"fold {fold}, epoch {epoch}, step {steps}"
+        where = f"fold {fold}, epoch {epoch + 1}, step {steps + 1}"  # as the log lines count
         result = learner.train_step(images, targets, where, global_step)
         global_step += 1
         steps += 1
@@ -324,9 +325,10 @@ def train_one_epoch(
             progress.set_postfix(status, refresh=False)
         elif steps % log_every == 0:
             logger.info(
-                "fold %d epoch %d step %d: %s",
+                "fold %d epoch %d/%d step %d: %s",
                 fold,
-                epoch,
+                epoch + 1,
+                epochs,
                 steps,
                 ", ".join(f"{k} {v}" for k, v in status.items()),
             )

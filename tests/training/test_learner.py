@@ -5,7 +5,7 @@ import torch
 
 from enn_neuro.config import validate_config
 from enn_neuro.enn import ENNLayer
-from enn_neuro.training.learner import Learner
+from enn_neuro.training.learner import Learner, NonFiniteLossError
 
 
 def _config(mode: str, optimizer: str):
@@ -41,3 +41,22 @@ def test_every_optimizer_decays_all_but_the_enn_factors(mode, optimizer):
             covered += len(group["params"])
     assert covered == sum(len(list(m.parameters())) for m in trained)
     assert learner.learning_rate == pytest.approx(learner.config.optim.lr)
+
+
+@pytest.mark.parametrize("mode", ["bp", "local"])
+@pytest.mark.parametrize("grad_clip", [1.0, None])
+def test_an_overflowing_gradient_stops_before_the_weights_change(mode, grad_clip):
+    config = _config(mode, "adamw")
+    config.optim.grad_clip = grad_clip
+    learner = Learner(config, num_outputs=2, device=torch.device("cpu"))
+    before = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    stem_conv = learner.model.stem.conv
+    stem_conv.lam.register_hook(lambda grad: grad * float("inf"))  # finite loss, inf gradient
+
+    images, targets = torch.randn(2, 1, 16, 16, 16), torch.tensor([0, 1])
+    where = "fold 0, epoch 1, step 1"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm \((inf|nan)\) at"):
+        learner.train_step(images, targets, where, step=0)
+    after = learner.model.state_dict()
+    changed = [k for k, v in before.items() if v.is_floating_point() and "running" not in k]
+    assert all(torch.equal(before[k], after[k]) for k in changed)

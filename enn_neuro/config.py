@@ -356,6 +356,8 @@ def _describe(error: dict[str, Any]) -> str:
         return f"unknown key {location!r}"
     if error["type"] == "missing":
         return f"{location}: required"
+    if not location:  # a check across sections names its keys and values itself
+        return message
     if "got " in message:  # our own validators already name the value
         return f"{location}: {message}"
     return f"{location}: {message}, got {error['input']!r}"

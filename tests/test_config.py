@@ -122,5 +122,9 @@ def test_resolved_config_round_trips(tmp_path):
     ],
 )
 def test_selection_metric_must_fit_the_task(tmp_path, extra, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(_write(tmp_path, "study: {name: s}\n" + extra))
+    path = _write(tmp_path, "study: {name: s}\n" + extra)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(path)
+    # one line naming the key and its value, not the whole configuration
+    assert str(caught.value).startswith(f"{path}: training.selection_metric ")
+    assert "\n" not in str(caught.value) and "{'" not in str(caught.value)

@@ -60,6 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: resume with --resume", file=sys.stderr)
         return 130
+    except Exception as err:  # anything else still ends in one line; -v shows where
+        logger.debug("traceback", exc_info=True)
+        if _is_mlflow_error(err):  # an unknown run id, an unreachable server, ...
+            print(f"error: MLflow: {_first_line(err.message)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        print(f"error: {_root_cause(err)} (run with -v for the traceback)", file=sys.stderr)
+        return 1
 
 
 # subcommands
@@ -145,13 +152,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from enn_neuro.training.inference import load_trained_model, predict_images
+    from enn_neuro.training.inference import load_trained_model, per_subject, predict_images
 
     trained = load_trained_model(args.checkpoint, args.run_id, args.tracking_uri)
-    images, subjects = _inputs(args.inputs, args)
-    frame = predict_images(trained, images, subjects, batch_size=args.batch_size)
+    images, subjects, sessions = _inputs(args.inputs, args)
+    frame = predict_images(
+        trained, images, subjects, batch_size=args.batch_size, session_ids=sessions
+    )
+    rows = "images"
+    if args.per_subject:
+        frame, rows = per_subject(frame, trained), "subjects"
     _write_csv(frame, args.out)
-    print(f"wrote {len(frame)} predictions to {args.out}")
+    print(f"wrote predictions for {len(frame)} {rows} to {args.out}")
     return 0
 
 
@@ -304,8 +316,9 @@ def _parser() -> argparse.ArgumentParser:
     predict = commands.add_parser(
         "predict",
         help="apply a trained model to NIfTI files or a cohort",
-        description="Writes one row per image: subject, image, prediction and class "
-        "probabilities (classification) or the predicted value (regression).",
+        description="Writes one row per image (or per subject with --per-subject): subject, "
+        "session, image, prediction and class probabilities (classification) or the "
+        "predicted value (regression).",
     )
     model_source(predict)
     predict.add_argument("inputs", nargs="+", help="NIfTI files, a cohort table, or a BIDS folder")
@@ -314,6 +327,12 @@ def _parser() -> argparse.ArgumentParser:
         "--target", help="target column when an input is a cohort (not used for scoring)"
     )
     predict.add_argument("--image-column", default="image")
+    predict.add_argument(
+        "--per-subject",
+        action="store_true",
+        help="one row per subject instead of per image: probabilities (or values) averaged "
+        "over the subject's images, as the studies score subjects",
+    )
     predict.set_defaults(handler=_predict)
 
     evaluate = commands.add_parser(
@@ -342,18 +361,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _inputs(inputs: Sequence[str], args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
-    """NIfTI paths (subjects from file names), or the images of one cohort."""
+def _inputs(
+    inputs: Sequence[str], args: argparse.Namespace
+) -> tuple[list[str], list[str] | None, list[str | None] | None]:
+    """Images, subjects and sessions: NIfTI paths (subjects from file names) or one cohort."""
     if len(inputs) == 1 and (Path(inputs[0]).is_dir() or inputs[0].endswith((".csv", ".tsv"))):
         from enn_neuro.data.cohort import load_cohort
 
         target = args.target or "participant_id"
         cohort = load_cohort(inputs[0], target, "classification", None, args.image_column)
-        return [str(r.image) for r in cohort.records], [r.subject_id for r in cohort.records]
+        records = cohort.records
+        return (
+            [str(r.image) for r in records],
+            [r.subject_id for r in records],
+            [r.session_id for r in records],
+        )
     missing = [p for p in inputs if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"input image(s) not found: {missing}")
-    return list(inputs), None
+    return list(inputs), None, None
 
 
 def _with_tracking_uri(config, tracking_uri: str | None, default: str | None = None):
@@ -389,6 +415,27 @@ def _print_summary(summary: dict, tracking_uri: str | None) -> None:
             interval = f" [{values['ci_low']:.3f}, {values['ci_high']:.3f}]" if folds > 1 else ""
             print(f"  {name.removeprefix('test/'):<18} {values['mean']:.3f}{interval}")
     print(f"compare runs with: enn-neuro ui --tracking-uri {tracking_uri or 'sqlite:///mlflow.db'}")
+
+
+def _is_mlflow_error(err: BaseException) -> bool:
+    exceptions = sys.modules.get("mlflow.exceptions")  # only loaded if MLflow was used
+    return exceptions is not None and isinstance(err, exceptions.MlflowException)
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost cause's type and first line.
+
+    MONAI, for one, wraps a transform's error (which names the file) in
+    ``RuntimeError("applying transform ...")``.
+    """
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {_first_line(str(err))}"
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:

@@ -121,7 +121,30 @@ def test_predict_and_evaluate_match_the_trained_model(tmp_path, demo_cohort, cac
     assert finished.returncode == 0, finished.stderr
     from_run = pd.read_csv(out).set_index("image").loc[images]
     assert np.allclose(from_run["prob_patient"], expected["prob_patient"], atol=1e-5)
-    assert len(pd.read_csv(out)) == 12
+    assert len(pd.read_csv(out)) == 12 and "session_id" in from_run.columns
+
+    # one row per subject: the mean of its images' probabilities, as the study scores it
+    out = tmp_path / "per_subject.csv"
+    finished = _run(*command[:-1], str(out), "--per-subject")
+    assert finished.returncode == 0, finished.stderr
+    subjects = pd.read_csv(out).set_index("subject_id")
+    by_subject = expected.groupby("subject_id")["prob_patient"].mean()
+    assert set(subjects.index) == set(by_subject.index)
+    assert np.allclose(subjects.loc[by_subject.index, "prob_patient"], by_subject, atol=1e-5)
+    assert (subjects["n_images"] == expected.groupby("subject_id").size()).all()
+
+    # wrong model sources: one line each, no traceback
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("not a checkpoint")
+    for source, message in [
+        (["--checkpoint", str(fold_dir / "last.pt")], "is a last.pt"),
+        (["--checkpoint", str(not_a_checkpoint)], "not a readable checkpoint"),
+        (["--run-id", "0" * 32, "--tracking-uri", config.tracking.tracking_uri], "MLflow: "),
+    ]:
+        finished = _run("predict", *source, images[0], "--out", str(tmp_path / "x.csv"))
+        assert finished.returncode == 2, finished.stderr
+        assert "Traceback" not in finished.stderr and message in finished.stderr
+        assert len(finished.stderr.strip().splitlines()) == 1, finished.stderr
 
     # evaluate scores the labelled cohort
     finished = _run(

@@ -49,11 +49,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the file is not a checkpoint (or holds objects beyond tensors and
+            plain containers).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises pickle, zip and runtime errors alike
+        detail = (str(err).strip().splitlines() or [""])[0]  # torch's own advice runs long
+        raise ValueError(
+            f"{path}: not a readable checkpoint ({type(err).__name__}: {detail})"
+        ) from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a checkpoint (holds a {type(state).__name__})")
+    return state
 
 
 def capture_rng_state() -> dict[str, Any]:

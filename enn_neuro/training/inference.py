@@ -28,7 +28,13 @@ from enn_neuro.models import create_model
 from enn_neuro.training.checkpoint import load_checkpoint
 from enn_neuro.training.metrics import classification_metrics, regression_metrics
 
-__all__ = ["TrainedModel", "evaluate_cohort", "load_trained_model", "predict_images"]
+__all__ = [
+    "TrainedModel",
+    "evaluate_cohort",
+    "load_trained_model",
+    "per_subject",
+    "predict_images",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +73,14 @@ def load_trained_model(
         tracking_uri: Where that run lives (default: ``MLFLOW_TRACKING_URI`` or ``mlflow.db``).
 
     Raises:
-        ValueError: If neither or both sources are given.
+        ValueError: If neither or both sources are given, or the file is not a ``best.pt``.
         FileNotFoundError: If the checkpoint does not exist.
     """
     if (checkpoint is None) == (run_id is None):
         raise ValueError("give exactly one of a checkpoint or an MLflow run id")
     if checkpoint is not None:
         saved = load_checkpoint(checkpoint)
+        _check_model_checkpoint(saved, checkpoint)
         config = validate_config(saved["config"], source=str(checkpoint))
         if config.pipeline != "cohort3d":
             raise NotImplementedError(
@@ -132,22 +139,29 @@ def predict_images(
     subject_ids: Sequence[str] | None = None,
     batch_size: int = 4,
     cache_dir: str | Path | None = None,
+    session_ids: Sequence[str | None] | None = None,
 ) -> pd.DataFrame:
     """Predicts every image; one row per image.
 
     Args:
         trained: From :func:`load_trained_model`.
         images: NIfTI files.
-        subject_ids: One per image; the file names (without extension) when ``None``.
+        subject_ids: One per image; when ``None``, the BIDS ``sub-<label>`` entity of the
+            file name, else the file name without extension.
         batch_size: Images per forward pass.
         cache_dir: Preprocessing cache (shared with training when the same).
+        session_ids: One per image (``None`` for none), written as ``session_id``; when
+            ``None``, the file name's BIDS ``ses-<label>`` entity, if any.
 
     Returns:
-        ``subject_id``, ``image``, ``prediction`` and, for classification, ``prob_<class>``.
+        ``subject_id``, ``session_id``, ``image``, ``prediction`` and, for classification,
+        ``prob_<class>``.
     """
     images = [str(Path(p).resolve()) for p in images]
     if subject_ids is None:
-        subject_ids = [Path(p).name.split(".nii")[0] for p in images]
+        subject_ids = [_entity(p, "sub") or Path(p).name.split(".nii")[0] for p in images]
+    if session_ids is None:
+        session_ids = [_entity(p, "ses") for p in images]
     samples = [
         {"image": path, "subject_id": subject, "image_path": path}
         for path, subject in zip(images, subject_ids, strict=True)
@@ -157,7 +171,8 @@ def predict_images(
     for batch in DataLoader(dataset, batch_size=batch_size):
         outputs.append(trained.model(batch["image"]).float().numpy())  # (B, num_outputs)
     outputs = np.concatenate(outputs)
-    frame = pd.DataFrame({"subject_id": list(subject_ids), "image": images})
+    sessions = [s or "" for s in session_ids]
+    frame = pd.DataFrame({"subject_id": list(subject_ids), "session_id": sessions, "image": images})
     if trained.task == "classification":
         shifted = outputs - outputs.max(axis=1, keepdims=True)
         probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
@@ -167,6 +182,28 @@ def predict_images(
     else:
         frame["prediction"] = outputs[:, 0] * trained.target_std + trained.target_mean
     return frame
+
+
+def per_subject(frame: pd.DataFrame, trained: TrainedModel) -> pd.DataFrame:
+    """One row per subject from :func:`predict_images`' rows, as the studies score subjects.
+
+    A subject's class probabilities (or predicted values) are the mean over its images; the
+    predicted class is the most probable one.
+
+    Returns:
+        ``subject_id``, ``n_images``, ``prediction`` and, for classification,
+        ``prob_<class>``; subjects in order of first appearance.
+    """
+    by_subject = frame.groupby("subject_id", sort=False)
+    table = pd.DataFrame({"n_images": by_subject.size()})
+    if trained.task == "classification":
+        columns = [f"prob_{name}" for name in trained.classes]
+        means = by_subject[columns].mean()
+        table["prediction"] = [trained.classes[i] for i in means.to_numpy().argmax(axis=1)]
+        table[columns] = means
+    else:
+        table["prediction"] = by_subject["prediction"].mean()
+    return table.reset_index()
 
 
 def evaluate_cohort(trained: TrainedModel, cohort: Cohort, **kwargs) -> tuple[pd.DataFrame, dict]:
@@ -179,13 +216,35 @@ def evaluate_cohort(trained: TrainedModel, cohort: Cohort, **kwargs) -> tuple[pd
         trained, [r.image for r in cohort.records], [r.subject_id for r in cohort.records], **kwargs
     )
     frame["target"] = [r.target for r in cohort.records]
-    by_subject = frame.groupby("subject_id", sort=False)
+    subjects = per_subject(frame, trained)
+    targets = frame.groupby("subject_id", sort=False)["target"]
     if trained.task == "classification":
         columns = [f"prob_{c}" for c in trained.classes]
-        labels = [trained.classes.index(t) for t in by_subject["target"].first()]
-        metrics = classification_metrics(
-            labels, by_subject[columns].mean().to_numpy(), trained.classes
-        )
+        labels = [trained.classes.index(t) for t in targets.first()]
+        metrics = classification_metrics(labels, subjects[columns].to_numpy(), trained.classes)
     else:
-        metrics = regression_metrics(by_subject["target"].first(), by_subject["prediction"].mean())
+        # a subject's target is the mean over its images (ages at repeat scans)
+        metrics = regression_metrics(targets.mean().to_numpy(), subjects["prediction"].to_numpy())
     return frame, metrics
+
+
+def _entity(path: str, key: str) -> str | None:
+    """A BIDS entity of a file name: ``sub-01_ses-2_T1w.nii.gz`` has ``sub-01`` and ``ses-2``."""
+    for part in Path(path).name.split("_"):
+        if part.startswith(f"{key}-") and len(part) > len(key) + 1:
+            return part.split(".")[0]
+    return None
+
+
+def _check_model_checkpoint(saved: dict, path: str | Path) -> None:
+    """Refuses a checkpoint that is not a fold's ``best.pt``, saying what it is instead."""
+    if {"config", "classes", "training"} <= saved.keys():
+        return
+    if "loop" in saved:
+        raise ValueError(
+            f"{path} is a last.pt (the training state for --resume); predict from the fold's "
+            "best.pt, the model selected on validation"
+        )
+    raise ValueError(
+        f"{path}: not a best.pt written by enn-neuro training (keys {sorted(map(str, saved))})"
+    )

@@ -186,6 +186,8 @@ class _StudyBase(_Section):
             raise ValueError(
                 f"training.stage_parallel needs training.mode 'local', got {self.training.mode!r}"
             )
+        if self.training.mode == "local" and not isinstance(self.training.local.cut, str):
+            _check_cut(self.model.name, self.training.local.cut)
         return self
 
     def resolved(self) -> dict[str, Any]:
@@ -347,6 +349,23 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def _check_cut(model_name: str, cut: list[int]) -> None:
+    """Checks explicit local-mode cut indices against the model's units, at load time.
+
+    The units depend on the depth alone, so a plain 1-D twin of width 1 (a second to build,
+    no SVDs) stands in for the configured network.
+    """
+    from enn_neuro.models import create_model, cut_points
+
+    twin = create_model(
+        model_name, spatial_dims=1, in_channels=1, num_classes=1, layer="plain", base_width=1
+    )
+    try:
+        cut_points(twin, cut)
+    except ValueError as err:
+        raise ValueError(f"training.local.cut for {model_name}: {err}") from None
 
 
 def _describe(error: dict[str, Any]) -> str:

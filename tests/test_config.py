@@ -128,3 +128,16 @@ def test_selection_metric_must_fit_the_task(tmp_path, extra, message):
     # one line naming the key and its value, not the whole configuration
     assert str(caught.value).startswith(f"{path}: training.selection_metric ")
     assert "\n" not in str(caught.value) and "{'" not in str(caught.value)
+
+
+def test_an_explicit_local_cut_is_checked_against_the_model_on_load(tmp_path):
+    base = "study: {name: s}\ndata: {cohort: c.csv, target: dx}\n"
+    good = load_config(
+        _write(tmp_path, base + "training: {mode: local, local: {cut: [0, 3, 5]}}\n")
+    )
+    assert good.training.local.cut == [0, 3, 5]
+    path = _write(tmp_path, base + "training: {mode: local, local: {cut: [0, 99]}}\n")
+    with pytest.raises(
+        ConfigError, match=r"training.local.cut for resnet18: .*\[0, 8\].*got \[0, 99\]"
+    ):
+        load_config(path)

@@ -291,7 +291,11 @@ def fit(
 def train_one_epoch(
     learner: Learner, loader: DataLoader, fold: int, epoch: int, global_step: int
 ) -> tuple[dict[str, float], int]:
-    """Runs one epoch of steps; returns averaged losses and throughput, and the new step."""
+    """Runs one epoch of steps; returns averaged losses and throughput, and the new step.
+
+    Under DDP the losses are averaged over every rank's shards and the throughput counts
+    every rank's samples; each rank returns the same values.
+    """
     log_every = learner.config.training.log_every
     totals = {"loss": 0.0, "task_loss": 0.0, "penalty": 0.0}
     block_totals = [0.0] * learner.num_blocks
@@ -334,15 +338,29 @@ def train_one_epoch(
             )
         waited_since = time.perf_counter()
 
+    # every rank's sums, so that the losses and throughput describe the global batches
     elapsed = time.perf_counter() - start
-    steps = max(steps, 1)
-    stats = {f"train/{name}": value / steps for name, value in totals.items()}
-    stats["train/samples_per_s"] = samples / max(elapsed, 1e-9)
-    stats["train/data_wait_s"] = data_wait
+    shares = learner.context.all_gather(
+        {
+            "totals": totals,
+            "blocks": block_totals,
+            "samples": samples,
+            "steps": steps,
+            "wait": data_wait,
+            "elapsed": elapsed,
+        }
+    )
+    totals = {name: sum(share["totals"][name] for share in shares) for name in totals}
+    block_totals = [sum(share["blocks"][k] for share in shares) for k in range(len(block_totals))]
+    rank_steps = max(sum(share["steps"] for share in shares), 1)  # one per rank and step
+    elapsed = max(share["elapsed"] for share in shares)
+    stats = {f"train/{name}": value / rank_steps for name, value in totals.items()}
+    stats["train/samples_per_s"] = sum(share["samples"] for share in shares) / max(elapsed, 1e-9)
+    stats["train/data_wait_s"] = max(share["wait"] for share in shares)
     stats["train/epoch_s"] = elapsed
     if learner.num_blocks > 1:
         for index, value in enumerate(block_totals):
-            stats[f"train/block{index}_loss"] = value / steps
+            stats[f"train/block{index}_loss"] = value / rank_steps
     return stats, global_step
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import statistics
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,8 +129,16 @@ class Cohort:
         return list(dict.fromkeys(r.subject_id for r in self.records))
 
     def subject_table(self) -> pd.DataFrame:
-        """One row per subject: ``subject_id``, ``target``, ``site``, ``sex``, ``age``."""
+        """One row per subject: ``subject_id``, ``target``, ``site``, ``sex``, ``age``.
+
+        Covariates are those of the subject's first image, and so is a class label (the
+        pre-flight check requires one label per subject). A regression target may differ
+        between a subject's images (age at each scan): ``target`` is then the mean of the
+        subject's values, or the first value if any of them is not a number (the pre-flight
+        check reports it).
+        """
         rows = {}
+        targets_of = defaultdict(list)
         for record in self.records:
             rows.setdefault(
                 record.subject_id,
@@ -140,6 +150,11 @@ class Cohort:
                     "age": record.age,
                 },
             )
+            targets_of[record.subject_id].append(record.target)
+        if self.task is Task.REGRESSION:
+            for subject_id, targets in targets_of.items():
+                if all(isinstance(t, float) for t in targets):
+                    rows[subject_id]["target"] = statistics.fmean(targets)
         return pd.DataFrame(
             list(rows.values()), columns=["subject_id", "target", "site", "sex", "age"]
         )
@@ -287,10 +302,12 @@ def read_bids(
 ) -> Cohort:
     """Reads the T1-weighted images of a BIDS dataset and its ``participants.tsv``.
 
-    Images are ``sub-<id>/anat/*_T1w.nii[.gz]`` and ``sub-<id>/ses-<id>/anat/*_T1w.nii[.gz]``;
-    subject covariates come from ``participants.tsv`` (``participant_id`` and the target, with
-    optional ``site``, ``sex``, ``age``). A participant without an image, or an image without
-    a participant row, is reported.
+    Images are ``sub-<id>/anat/*_T1w.nii[.gz]`` and ``sub-<id>/ses-<id>/anat/*_T1w.nii[.gz]``,
+    names ending exactly so (``*_T1w.nii.gz.orig`` is not an image); several per session (runs,
+    acquisitions) are several images of the subject. Subject covariates come from
+    ``participants.tsv`` (``participant_id`` and the target, with optional ``site``, ``sex``,
+    ``age``). A participant without an image, an image without a participant row, and one
+    image name stored both as ``.nii`` and as ``.nii.gz`` are reported.
 
     Args:
         root: The dataset's root folder.
@@ -329,9 +346,8 @@ def read_bids(
             continue
         rows[subject_id] = (index, row)
 
-    images = sorted(root.glob("sub-*/anat/*_T1w.nii*")) + sorted(
-        root.glob("sub-*/ses-*/anat/*_T1w.nii*")
-    )
+    images = _t1w_images(root)
+    problems.extend(_stored_twice(root, images))
     records, subjects_with_images = [], set()
     for image in images:
         subject_id = image.relative_to(root).parts[0]
@@ -368,6 +384,33 @@ def read_bids(
     cohort.classes = _classes_of(cohort, classes)
     logger.info("read %d images of %d subjects from %s", len(records), len(cohort.subjects), root)
     return cohort
+
+
+def _t1w_images(root: Path) -> list[Path]:
+    """The T1w images of a BIDS dataset: sessionless first, each group sorted."""
+    images = []
+    for folder in ("sub-*/anat", "sub-*/ses-*/anat"):
+        # two exact patterns: "*_T1w.nii*" would also match backups such as *_T1w.nii.gz.orig
+        found = [*root.glob(f"{folder}/*_T1w.nii"), *root.glob(f"{folder}/*_T1w.nii.gz")]
+        images.extend(sorted(found))
+    return images
+
+
+def _stored_twice(root: Path, images: Sequence[Path]) -> list[Problem]:
+    """One problem per BIDS image name found both as ``.nii`` and as ``.nii.gz``."""
+    by_stem = defaultdict(list)
+    for image in images:
+        by_stem[image.parent / image.name.removesuffix(".gz").removesuffix(".nii")].append(image)
+    return [
+        Problem(
+            f"the same image stored twice: {', '.join(p.name for p in paths)}; keep one",
+            paths[0].relative_to(root).parts[0],
+            paths[0],
+            "image",
+        )
+        for paths in by_stem.values()
+        if len(paths) > 1
+    ]
 
 
 def _parse_task(task: Task | str) -> Task:

@@ -1,20 +1,26 @@
 """Pre-flight validation of a cohort: every problem, found before any training, reported at once.
 
-Every header and every volume is read once (read-only; nothing is ever written to the input
-files). The checks, each reported with the subject and file named:
+Every file is read once, to its end (read-only; nothing is ever written to the input files).
+The checks, each reported with the subject and file named:
 
-- the file: missing, unreadable, truncated or corrupt gzip, not NIfTI;
-- the volume: not 3D (4D only with a single volume), non-finite or all-constant voxels,
-  non-positive or absurd voxel sizes, a singular affine;
-- the table: missing or unknown labels, non-numeric regression targets, duplicate subject
-  ids (the same subject and session twice), a subject with two different targets, the same
-  image content under two subject ids, too few subjects of a class for the requested folds.
+- the file: missing, unreadable, truncated or corrupt gzip (CRC and length verified), not NIfTI;
+- the volume: not 3D (4D only with a single volume), an axis under ``MIN_AXIS_VOXELS`` (a
+  slice or slab), non-finite or all-constant voxels, non-positive or absurd voxel sizes, a
+  singular affine;
+- the table: no images at all, fewer than two classes for a classification, missing or
+  unknown labels, non-numeric regression targets, duplicate rows (the same subject and
+  session in two rows), a subject with two different class labels, the same image content
+  under two subject ids, too few subjects of a class for the requested folds.
+
+Regression targets may differ between a subject's images (age at each scan); class labels may
+not.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import logging
 import math
 import os
@@ -35,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 MIN_VOXEL_MM = 0.05
 MAX_VOXEL_MM = 20.0
+MIN_AXIS_VOXELS = 8  # fewer along any axis: a slice or a slab, not a volume
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,9 @@ class ImageSummary:
         voxel_mm: Voxel size in mm (3 values).
         orientation: Axis codes of the affine, e.g. ``("R", "A", "S")``.
         dtype: Data type on disk.
-        content_hash: SHA-256 of the decoded voxel values and shape, for duplicate detection.
+        content_hash: SHA-256 of the decoded voxel values as float32 in closest-RAS voxel
+            order, and of that shape, for duplicate detection: the same scan stored as int16
+            or float32, RAS or LPS, hashes alike (as stored when the affine is singular).
     """
 
     path: Path
@@ -137,7 +146,8 @@ def validate_cohort(
             Problem(p.message, subject_of[path], path, p.field) for p in problems
         )
 
-    # the rows: targets, duplicates, consistency
+    # the rows: targets, classes, duplicates, consistency
+    report.problems.extend(_check_cohort_size(cohort))
     report.problems.extend(_check_targets(cohort))
     report.problems.extend(_check_duplicates(cohort, report.images))
     if n_folds is not None:
@@ -157,16 +167,24 @@ def _check_image(path: Path) -> tuple[ImageSummary | None, list[Problem]]:
     if not (name.endswith(".nii") or name.endswith(".nii.gz")):
         return None, [Problem("not a NIfTI file name (.nii or .nii.gz)", path=path, field="image")]
 
-    # the header
+    # the whole file, decompressed to its end: nibabel reads only the bytes it needs, so a bad
+    # CRC or missing trailer would pass, and a changed byte would decode to wrong voxels
     try:
-        image = nib.load(path)
+        raw = _read_decompressed(path)
     except (gzip.BadGzipFile, zlib.error, EOFError) as err:
         return None, [Problem(f"corrupt gzip: {err}", path=path, field="image")]
-    except Exception as err:  # nibabel raises many types for foreign or broken content
+    except OSError as err:
+        return None, [Problem(f"cannot read the file: {err}", path=path, field="image")]
+
+    # the header, parsed from those bytes
+    image_class = _nifti_class(raw)
+    if image_class is None:
+        message = "not a readable NIfTI file: no NIfTI-1 or NIfTI-2 header"
+        return None, [Problem(message, path=path, field="image")]
+    try:
+        image = image_class.from_bytes(raw)
+    except Exception as err:  # nibabel raises many types for broken headers
         return None, [Problem(f"not a readable NIfTI file: {err}", path=path, field="image")]
-    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-        kind = type(image).__name__
-        return None, [Problem(f"not NIfTI content (read as {kind})", path=path, field="image")]
 
     problems = []
     shape = image.shape
@@ -176,10 +194,16 @@ def _check_image(path: Path) -> tuple[ImageSummary | None, list[Problem]]:
         volumes = f" with {shape[3]} volumes" if len(shape) == 4 else ""
         message = f"must be a 3D volume (or 4D with one volume), got shape {shape}{volumes}"
         return None, [Problem(message, path=path, field="image")]
+    if min(shape) < MIN_AXIS_VOXELS:
+        message = (
+            f"every axis must have at least {MIN_AXIS_VOXELS} voxels, got shape {shape}: "
+            "a slice or slab, not a volume"
+        )
+        problems.append(Problem(message, path=path, field="image"))
 
     # voxel sizes as written (nibabel repairs zero or negative pixdim on load, with a log
     # line only) and as implied by the affine, which is what resampling uses
-    header_mm = _raw_voxel_sizes(path, type(image.header))
+    header_mm = _raw_voxel_sizes(raw, image_class.header_class)
     affine_mm = tuple(round(float(v), 6) for v in nib.affines.voxel_sizes(image.affine)[:3])
     for source, sizes in (("header", header_mm), ("affine", affine_mm)):
         if not all(MIN_VOXEL_MM <= v <= MAX_VOXEL_MM for v in sizes):
@@ -192,9 +216,9 @@ def _check_image(path: Path) -> tuple[ImageSummary | None, list[Problem]]:
                 )
             )
             break
-    voxel_mm = header_mm
     linear = image.affine[:3, :3]
-    if not np.isfinite(linear).all() or abs(np.linalg.det(linear)) < 1e-6:
+    singular = not np.isfinite(linear).all() or abs(np.linalg.det(linear)) < 1e-6
+    if singular:
         problems.append(Problem("singular or non-finite affine", path=path, field="affine"))
         orientation = ("?", "?", "?")
     else:
@@ -203,11 +227,6 @@ def _check_image(path: Path) -> tuple[ImageSummary | None, list[Problem]]:
     # the voxels
     try:
         data = np.asanyarray(image.dataobj).reshape(shape)
-    except (gzip.BadGzipFile, zlib.error, EOFError) as err:
-        return None, [
-            *problems,
-            Problem(f"truncated or corrupt gzip: {err}", path=path, field="image"),
-        ]
     except Exception as err:  # a short .nii raises from numpy or nibabel
         return None, [
             *problems,
@@ -223,24 +242,75 @@ def _check_image(path: Path) -> tuple[ImageSummary | None, list[Problem]]:
         value = data.flat[0] if data.size else "empty"
         problems.append(Problem(f"all voxels are constant ({value})", path=path, field="voxels"))
 
-    digest = hashlib.sha256(str(data.shape).encode())
-    digest.update(np.ascontiguousarray(data).tobytes())
     summary = ImageSummary(
         path=path,
         shape=tuple(int(s) for s in shape),
-        voxel_mm=voxel_mm,
+        voxel_mm=header_mm,
         orientation=tuple(orientation),
         dtype=str(image.get_data_dtype()),
-        content_hash=digest.hexdigest(),
+        content_hash=_content_hash(data, None if singular else image.affine),
     )
     return summary, problems
 
 
-def _raw_voxel_sizes(path: Path, header_class: type) -> tuple[float, ...]:
+def _read_decompressed(path: Path) -> bytes:
+    """The file's bytes; a ``.gz`` is decompressed to its end, so gzip checks CRC and length.
+
+    Raises:
+        gzip.BadGzipFile, zlib.error, EOFError: For corrupt or truncated gzip data.
+        OSError: If the file cannot be read.
+    """
+    if path.name.lower().endswith(".gz"):
+        with gzip.open(path, "rb") as stream:
+            return stream.read()
+    return path.read_bytes()
+
+
+def _nifti_class(raw: bytes) -> type[nib.Nifti1Image] | type[nib.Nifti2Image] | None:
+    """The single-file NIfTI image class whose header ``raw`` starts with, if any."""
+    # NIfTI-2 first: its check (sizeof_hdr 540) is the stricter of the two
+    for image_class in (nib.Nifti2Image, nib.Nifti1Image):
+        header_class = image_class.header_class
+        if header_class.may_contain_header(raw[: header_class.sizeof_hdr]):
+            return image_class
+    return None
+
+
+def _content_hash(data: np.ndarray, affine: np.ndarray | None) -> str:
+    """SHA-256 of the voxels as float32 in closest-RAS order, and of their shape.
+
+    Args:
+        data: The decoded voxels, ``(X, Y, Z)`` as stored.
+        affine: The image's affine; ``None`` (a singular affine) hashes the voxels as stored.
+    """
+    if affine is not None:
+        # nibabel's as_closest_canonical would read the voxels again: its two steps, on the
+        # array already read
+        data = nib.orientations.apply_orientation(data, nib.orientations.io_orientation(affine))
+    values = np.array(data, dtype=np.float32, order="C")
+    values += 0.0  # -0.0 becomes 0.0: equal values, equal bytes
+    digest = hashlib.sha256(str(values.shape).encode())
+    digest.update(values.tobytes())
+    return digest.hexdigest()
+
+
+def _raw_voxel_sizes(raw: bytes, header_class: type) -> tuple[float, ...]:
     """pixdim[1:4] exactly as stored, without nibabel's repairs."""
-    with nib.openers.ImageOpener(path) as stream:
-        header = header_class.from_fileobj(stream, check=False)
+    header = header_class.from_fileobj(io.BytesIO(raw), check=False)
     return tuple(round(float(v), 6) for v in header["pixdim"][1:4])
+
+
+def _check_cohort_size(cohort: Cohort) -> list[Problem]:
+    """No images at all; fewer than two classes (given or found) for a classification."""
+    if not cohort.records:
+        return [Problem("the cohort has no images", path=cohort.source, field="image")]
+    if cohort.task is Task.CLASSIFICATION and len(cohort.classes) < 2:
+        message = (
+            f"a classification needs at least two classes in {cohort.target!r}, "
+            f"got {cohort.classes}"
+        )
+        return [Problem(message, field=cohort.target)]
+    return []
 
 
 def _check_targets(cohort: Cohort) -> list[Problem]:
@@ -251,14 +321,15 @@ def _check_targets(cohort: Cohort) -> list[Problem]:
         problem = _target_problem(cohort, record)
         if problem:
             problems.append(Problem(problem, record.subject_id, record.image, cohort.target))
+
+    # one label per subject; a regression target may change between scans (age at each scan)
+    if cohort.task is Task.REGRESSION:
+        return problems
     for subject_id, targets in targets_of.items():
         if len(targets) > 1:
-            shown = sorted(map(repr, targets))
-            problems.append(
-                Problem(
-                    f"different targets for one subject: {shown}", subject_id, None, cohort.target
-                )
-            )
+            shown = ", ".join(sorted(map(repr, targets)))  # repr: None sorts among labels
+            message = f"different labels for one subject: {shown}"
+            problems.append(Problem(message, subject_id, None, cohort.target))
     return problems
 
 
@@ -280,17 +351,19 @@ def _target_problem(cohort: Cohort, record: ImageRecord) -> str | None:
 def _check_duplicates(cohort: Cohort, images: dict[Path, ImageSummary]) -> list[Problem]:
     problems = []
 
-    # the same subject and session in two rows
-    rows = defaultdict(list)
+    # the same subject and session in two rows; the images of one row (the T1w runs of a BIDS
+    # session, which share the participants.tsv row) are not duplicates
+    rows = defaultdict(dict)
     for record in cohort.records:
-        rows[(record.subject_id, record.session_id)].append(record)
-    for (subject_id, session_id), records in rows.items():
-        if len(records) > 1:
+        row = record.source or record.image  # a cohort built in code may name no rows
+        rows[(record.subject_id, record.session_id)].setdefault(row, record)
+    for (subject_id, session_id), by_source in rows.items():
+        if len(by_source) > 1:
             session = f" session {session_id!r}" if session_id else ""
-            sources = ", ".join(r.source for r in records)
+            sources = ", ".join(f"{r.source} ({r.image})" for r in by_source.values())
             problems.append(
                 Problem(
-                    f"duplicate subject id{session}: {len(records)} rows ({sources})",
+                    f"duplicate subject id{session}: {len(by_source)} rows ({sources})",
                     subject_id,
                     None,
                     "subject_id",

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from enn_neuro.data.cohort import CohortError, Task, load_cohort, read_bids
+from enn_neuro.data.validation import validate_cohort
 from tests.data.conftest import write_table, write_volume
 
 
@@ -80,6 +81,39 @@ class TestBids:
         assert any("sub-03" in m and "no T1w image found" in m for m in messages)
         assert any("sub-09" in m and "image has no row in participants.tsv" in m for m in messages)
 
+    def test_t1w_runs_are_images_of_one_subject_and_backups_are_ignored(self, tmp_path):
+        anat = tmp_path / "sub-01" / "anat"
+        write_volume(anat / "sub-01_run-1_T1w.nii.gz", seed=1)
+        write_volume(anat / "sub-01_run-2_T1w.nii.gz", seed=2)
+        write_volume(tmp_path / "sub-02" / "anat" / "sub-02_T1w.nii", seed=3)
+        (tmp_path / "sub-02" / "anat" / "sub-02_T1w.nii.gz.orig").write_bytes(b"backup")
+        (tmp_path / "sub-02" / "anat" / "sub-02_T1w.nii.bak").write_bytes(b"backup")
+        rows = [
+            {"participant_id": "sub-01", "diagnosis": "control"},
+            {"participant_id": "sub-02", "diagnosis": "patient"},
+        ]
+        write_table(tmp_path / "participants.tsv", rows, "\t")
+
+        cohort = read_bids(tmp_path, target="diagnosis")
+        assert [r.image.name for r in cohort.records] == [
+            "sub-01_run-1_T1w.nii.gz",
+            "sub-01_run-2_T1w.nii.gz",
+            "sub-02_T1w.nii",
+        ]
+        report = validate_cohort(cohort, n_folds=None)
+        assert report.ok, report.summary()
+
+    def test_one_image_stored_as_nii_and_nii_gz_is_reported(self, tmp_path):
+        anat = tmp_path / "sub-01" / "anat"
+        write_volume(anat / "sub-01_T1w.nii", seed=1)
+        write_volume(anat / "sub-01_T1w.nii.gz", seed=1)
+        write_table(tmp_path / "participants.tsv", [{"participant_id": "sub-01", "dx": "a"}], "\t")
+        cohort = read_bids(tmp_path, target="dx")
+        assert [str(p) for p in cohort.read_problems] == [
+            f"sub-01 {anat / 'sub-01_T1w.nii'}: the same image stored twice: "
+            "sub-01_T1w.nii, sub-01_T1w.nii.gz; keep one"
+        ]
+
     def test_missing_participants_tsv(self, tmp_path):
         with pytest.raises(FileNotFoundError, match="has no participants.tsv"):
             read_bids(tmp_path, target="diagnosis")
@@ -95,3 +129,20 @@ def test_non_numeric_age_is_reported(tmp_path):
         "s1: c.csv:2: 'age' must be a number, got 'sixty'"
     ]
     assert cohort.records[0].age is None
+
+
+def test_subject_table_averages_regression_targets_and_keeps_class_labels(tmp_path):
+    write_volume(tmp_path / "a.nii")
+    rows = [
+        {"subject_id": "s1", "session_id": "ses-1", "image": "a.nii", "age": 60, "dx": "x"},
+        {"subject_id": "s1", "session_id": "ses-2", "image": "a.nii", "age": 63, "dx": "x"},
+        {"subject_id": "s2", "session_id": "ses-1", "image": "a.nii", "age": 70, "dx": "y"},
+        {"subject_id": "s3", "session_id": "ses-1", "image": "a.nii", "age": "old", "dx": "y"},
+        {"subject_id": "s3", "session_id": "ses-2", "image": "a.nii", "age": 75, "dx": "y"},
+    ]
+    table = write_table(tmp_path / "c.csv", rows)
+    regression = load_cohort(table, target="age", task="regression").subject_table()
+    # a value that is not a number is left for the pre-flight check to report
+    assert regression["target"].tolist() == [61.5, 70.0, "old"]
+    classification = load_cohort(table, target="dx").subject_table()
+    assert classification["target"].tolist() == ["x", "y", "y"]

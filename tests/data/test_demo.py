@@ -13,7 +13,9 @@ import pytest
 from scipy import ndimage
 
 from enn_neuro.data import demo
+from enn_neuro.data.cohort import read_bids
 from enn_neuro.data.demo import write_demo_cohort
+from enn_neuro.data.validation import validate_cohort
 
 N_SUBJECTS = 12
 COLUMNS = ["participant_id", "diagnosis", "age", "sex", "site"]
@@ -190,6 +192,17 @@ class TestImages:
             matched = correlation(data, image.affine)
             assert matched > 0.75
             assert matched > correlation(data[:, ::-1, :], image.affine) + 0.03
+
+
+@pytest.mark.parametrize("fixture", ["cohort", "demo_cohort"])
+def test_demo_cohort_validates_with_zero_problems(request, fixture):
+    # every site's storage (int16 and float32, RAS and LPS, .nii and .nii.gz) passes, and no
+    # two subjects' images hash alike
+    root = request.getfixturevalue(fixture)
+    report = validate_cohort(read_bids(root, target="diagnosis"), n_folds=5)
+    assert report.problems == []
+    assert len(report.images) == N_SUBJECTS
+    assert len(set(report.content_hashes().values())) == N_SUBJECTS
 
 
 class TestDeterminism:

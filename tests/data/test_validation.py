@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -15,8 +16,8 @@ from tests.data.conftest import patch_header, write_table, write_volume
 BROKEN = {
     "missing": "file not found",
     "garbage": "not a readable NIfTI file",
-    "truncated": "truncated or corrupt gzip",
-    "corrupt": "gzip",
+    "truncated": "corrupt gzip: Compressed file ended before the end-of-stream marker",
+    "corrupt": "corrupt gzip: ",
     "mgh": "not a NIfTI file name",
     "flat2d": "must be a 3D volume (or 4D with one volume), got shape (8, 8)",
     "fourd": "got shape (8, 8, 8, 3) with 3 volumes",
@@ -27,7 +28,7 @@ BROKEN = {
     "singular": "singular or non-finite affine",
     "nolabel": "missing 'diagnosis'",
     "badlabel": "unknown label 'pateint'",
-    "twice": "duplicate subject id: 2 rows",
+    "twice": "duplicate subject id: 2 rows (cohort.csv:",
     "copy": "the same image content under 2 subject ids",
 }
 
@@ -135,11 +136,18 @@ def test_validation_never_modifies_input_files(broken_report):
     assert after == before
 
 
+def test_duplicate_rows_name_each_image(broken_report):
+    report, root, _ = broken_report
+    (problem,) = [p for p in report.problems if p.subject_id == "twice"]
+    assert f"({root / 'twice_a.nii.gz'})" in problem.message
+    assert f"({root / 'twice_b.nii.gz'})" in problem.message
+
+
 @pytest.mark.parametrize("shape", [(8, 8, 8, 1), (8, 8, 8, 1, 1)])
 def test_single_volume_with_trailing_dimensions_is_accepted(tmp_path, shape):
     write_volume(tmp_path / "one.nii.gz", data=np.random.rand(*shape).astype(np.float32))
-    table = write_table(tmp_path / "c.csv", [{"subject_id": "s", "image": "one.nii.gz", "dx": "a"}])
-    report = validate_cohort(load_cohort(table, target="dx"), n_folds=None)
+    table = write_table(tmp_path / "c.csv", [{"subject_id": "s", "image": "one.nii.gz", "age": 70}])
+    report = validate_cohort(load_cohort(table, target="age", task="regression"), n_folds=None)
     assert report.ok, report.summary()
     assert report.images[tmp_path / "one.nii.gz"].shape == (8, 8, 8)
 
@@ -164,3 +172,192 @@ def test_regression_target_must_be_numeric(tmp_path):
     )
     report = validate_cohort(load_cohort(table, target="age", task="regression"), n_folds=None)
     assert [p.message for p in report.problems] == ["'age' must be a number, got 'old' (c.csv:2)"]
+
+
+# --- gzip integrity: nibabel alone reads only the bytes it needs
+
+
+def _stored_gzip(tmp_path) -> bytes:
+    """A volume gzipped with stored (uncompressed) blocks: a changed byte still inflates."""
+    raw = write_volume(tmp_path / "plain.nii", seed=7).read_bytes()
+    return gzip.compress(raw, compresslevel=0)
+
+
+def _bad_crc(payload: bytes) -> bytes:
+    corrupted = bytearray(payload)
+    corrupted[-8] ^= 0xFF  # the trailer: CRC32, then the length
+    return bytes(corrupted)
+
+
+def _no_trailer(payload: bytes) -> bytes:
+    return payload[:-4]
+
+
+def _changed_byte(payload: bytes) -> bytes:
+    corrupted = bytearray(payload)
+    corrupted[len(corrupted) // 2] ^= 0x01  # a voxel byte
+    return bytes(corrupted)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (_bad_crc, "corrupt gzip: CRC check failed"),
+        (_no_trailer, "corrupt gzip: Compressed file ended before the end-of-stream marker"),
+        (_changed_byte, "corrupt gzip: CRC check failed"),
+    ],
+    ids=["bad_crc", "truncated_trailer", "changed_byte"],
+)
+def test_corrupt_gzip_is_reported_naming_the_file(tmp_path, corrupt, message):
+    path = tmp_path / "scan.nii.gz"
+    path.write_bytes(corrupt(_stored_gzip(tmp_path)))
+    nib.load(path).get_fdata()  # nibabel alone does not notice
+    table = write_table(tmp_path / "c.csv", [{"subject_id": "s1", "image": path.name, "age": 7}])
+    report = validate_cohort(load_cohort(table, target="age", task="regression"), n_folds=None)
+    (problem,) = report.problems
+    assert problem.message.startswith(message), problem.message
+    assert (problem.subject_id, problem.path) == ("s1", path)
+    assert path not in report.images
+
+
+def test_intact_stored_gzip_passes(tmp_path):
+    path = tmp_path / "scan.nii.gz"
+    path.write_bytes(_stored_gzip(tmp_path))
+    table = write_table(tmp_path / "c.csv", [{"subject_id": "s1", "image": path.name, "age": 7}])
+    report = validate_cohort(load_cohort(table, target="age", task="regression"), n_folds=None)
+    assert report.ok, report.summary()
+
+
+# --- the same content under two subject ids, whatever its storage
+
+
+def _integer_scan() -> tuple[np.ndarray, np.ndarray]:
+    data = np.round(np.random.default_rng(3).normal(100, 20, (8, 9, 10)))
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = -9.0
+    return data, affine
+
+
+def _as_int16(data, affine):
+    return data.astype(np.int16), affine
+
+
+def _as_lps(data, affine):
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = np.array(data.shape[:2]) - 1  # voxel i' holds old voxel n - 1 - i'
+    return data[::-1, ::-1].copy(), affine @ flip
+
+
+def _as_permuted_float64(data, affine):
+    swap = np.eye(4)[[1, 0, 2, 3]]  # voxel axes (j, i, k): the same world positions
+    return data.transpose(1, 0, 2).astype(np.float64), affine @ swap
+
+
+def _mirrored(data, affine):
+    return data[::-1].copy(), affine  # the same affine: a left-right mirrored head
+
+
+def _other_scan(data, affine):
+    return data + 1, affine
+
+
+@pytest.mark.parametrize(
+    ("variant", "flagged"),
+    [
+        (_as_int16, True),
+        (_as_lps, True),
+        (_as_permuted_float64, True),
+        (_mirrored, False),
+        (_other_scan, False),
+    ],
+    ids=["int16", "lps", "permuted_float64", "mirrored", "other"],
+)
+def test_same_content_is_found_across_dtype_and_voxel_order(tmp_path, variant, flagged):
+    data, affine = _integer_scan()
+    nib.save(nib.Nifti1Image(data.astype(np.float32), affine), tmp_path / "a.nii.gz")
+    nib.save(nib.Nifti1Image(*variant(data, affine)), tmp_path / "b.nii.gz")
+    rows = [
+        {"subject_id": "s1", "image": "a.nii.gz", "age": 60},
+        {"subject_id": "s2", "image": "b.nii.gz", "age": 70},
+    ]
+    table = write_table(tmp_path / "c.csv", rows)
+    report = validate_cohort(load_cohort(table, target="age", task="regression"), n_folds=None)
+    messages = [p.message for p in report.problems]
+    assert messages == (
+        [
+            "the same image content under 2 subject ids: "
+            f"s1 ({tmp_path / 'a.nii.gz'}), s2 ({tmp_path / 'b.nii.gz'})"
+        ]
+        if flagged
+        else []
+    )
+
+
+# --- targets per subject and per image
+
+
+def _sessions_table(tmp_path, column: str, values: list) -> Path:
+    rows = []
+    for index, value in enumerate(values):
+        subject, session = f"s{index // 2}", f"ses-{index % 2}"
+        write_volume(tmp_path / f"{subject}_{session}.nii.gz", seed=index)
+        rows.append(
+            {
+                "subject_id": subject,
+                "session_id": session,
+                "image": f"{subject}_{session}.nii.gz",
+                column: value,
+            }
+        )
+    return write_table(tmp_path / "c.csv", rows)
+
+
+def test_regression_target_may_differ_between_a_subjects_scans(tmp_path):
+    table = _sessions_table(tmp_path, "age", [60.5, 62.0, 71.0, 74.5])  # age at each scan
+    cohort = load_cohort(table, target="age", task="regression")
+    report = validate_cohort(cohort, n_folds=2)
+    assert report.ok, report.summary()
+    assert cohort.subject_table()["target"].tolist() == [61.25, 72.75]
+
+
+def test_class_label_must_not_differ_between_a_subjects_scans(tmp_path):
+    table = _sessions_table(tmp_path, "dx", ["control", "patient", "control", "control"])
+    report = validate_cohort(load_cohort(table, target="dx"), n_folds=None)
+    assert [str(p) for p in report.problems] == [
+        "s0: different labels for one subject: 'control', 'patient'"
+    ]
+
+
+# --- cohorts and images that cannot be trained on
+
+
+def test_cohort_without_images_is_rejected(tmp_path):
+    table = tmp_path / "c.csv"
+    table.write_text("subject_id,image,dx\n")
+    report = validate_cohort(load_cohort(table, target="dx"), n_folds=None)
+    assert [str(p) for p in report.problems] == [f"{table}: the cohort has no images"]
+
+
+@pytest.mark.parametrize("classes", [None, ["a"]], ids=["found", "given"])
+def test_classification_needs_two_classes(tmp_path, classes):
+    rows = []
+    for index in range(3):
+        write_volume(tmp_path / f"s{index}.nii.gz", seed=index)
+        rows.append({"subject_id": f"s{index}", "image": f"s{index}.nii.gz", "dx": "a"})
+    table = write_table(tmp_path / "c.csv", rows)
+    report = validate_cohort(load_cohort(table, target="dx", classes=classes), n_folds=None)
+    assert [p.message for p in report.problems] == [
+        "a classification needs at least two classes in 'dx', got ['a']"
+    ]
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 1), (3, 64, 64), (64, 64, 1, 1)])
+def test_slice_is_not_a_volume(tmp_path, shape):
+    write_volume(tmp_path / "slice.nii.gz", data=np.random.rand(*shape).astype(np.float32))
+    table = write_table(tmp_path / "c.csv", [{"subject_id": "s", "image": "slice.nii.gz", "t": 1}])
+    report = validate_cohort(load_cohort(table, target="t", task="regression"), n_folds=None)
+    spatial = shape[:3]
+    assert [str(p) for p in report.problems] == [
+        f"s {tmp_path / 'slice.nii.gz'}: every axis must have at least 8 voxels, "
+        f"got shape {spatial}: a slice or slab, not a volume"
+    ]

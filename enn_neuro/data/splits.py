@@ -2,7 +2,8 @@
 
 Every image of a subject stays in one role of a fold. Outer folds come from scikit-learn's
 :class:`~sklearn.model_selection.StratifiedGroupKFold` (groups = subjects), stratified by the
-label (by quantile bins of the target for regression) and optionally by site or sex. Each
+label (for regression by quantile bins of each subject's mean target, since a target may
+differ between a subject's scans) and optionally by site or sex. Each
 outer fold's training part is split again into ``train`` and ``val``: the validation part
 serves early stopping and model selection, the ``test`` fold is never used for either.
 
@@ -66,14 +67,16 @@ def make_splits(
         n_folds: Outer folds; each subject is ``test`` in exactly one.
         val_fraction: Share of each fold's training subjects held out for validation.
         seed: Makes the splits reproducible.
-        stratify_by: Extra subject columns to stratify on: ``"site"``, ``"sex"``.
-        n_bins: Quantile bins of the target for regression.
+        stratify_by: Extra subject columns to stratify on: ``"site"``, ``"sex"``. Subjects
+            without a value form their own stratum; a column no subject has is an error.
+        n_bins: Quantile bins of the subjects' mean targets for regression.
 
     Returns:
         The split table, sorted by fold and subject.
 
     Raises:
-        ValueError: For a bad argument or too few subjects.
+        ValueError: For a bad argument, a ``stratify_by`` column the cohort lacks, or too few
+            subjects.
     """
     if not isinstance(n_folds, int) or n_folds < 2:
         raise ValueError(f"n_folds must be an integer ≥ 2, got {n_folds!r}")
@@ -85,6 +88,12 @@ def make_splits(
     subjects = cohort.subject_table().reset_index(drop=True)
     if len(subjects) < n_folds:
         raise ValueError(f"{len(subjects)} subjects cannot fill {n_folds} folds")
+    absent = [c for c in stratify_by if subjects[c].isna().all()]
+    if absent:
+        raise ValueError(
+            f"stratify_by names {absent}, but no subject of cohort {cohort.source} has a value "
+            "there; add the column or drop it from stratify_by"
+        )
     strata = _strata(subjects, cohort.task, stratify_by, n_bins)
 
     # outer folds: groups are the subjects themselves (one row per subject)
@@ -164,17 +173,25 @@ def read_split_table(path: str | Path, cohort: Cohort) -> pd.DataFrame:
 
     Raises:
         FileNotFoundError: If the file is missing.
-        ValueError: Naming the column, value or subject that is wrong.
+        ValueError: If the file is empty, unparsable or has no rows; otherwise naming the
+            column, value or subject that is wrong.
         LeakageError: If a subject plays two roles in one fold.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"split table not found: {path}")
     separator = "," if path.suffix.lower() == ".csv" else "\t"
-    table = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False)
+    try:
+        table = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError as err:
+        raise ValueError(f"split table {path} is empty; expected columns {SPLIT_COLUMNS}") from err
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ValueError(f"split table {path}: cannot parse: {err}") from err
     missing = [c for c in SPLIT_COLUMNS if c not in table.columns]
     if missing:
         raise ValueError(f"split table {path}: missing column(s) {missing}")
+    if table.empty:
+        raise ValueError(f"split table {path} has a header but no rows")
     table = table[SPLIT_COLUMNS].copy()
     table["subject_id"] = table["subject_id"].str.strip()
     bad_folds = sorted({f for f in table["fold"] if not f.strip().isdigit()})
@@ -208,7 +225,7 @@ def _strata(
     if task is Task.REGRESSION:
         values = pd.to_numeric(subjects["target"])
         bins = pd.qcut(values, q=min(n_bins, len(values)), labels=False, duplicates="drop")
-        key = bins.astype(str)
+        key = bins.fillna(0).astype(int).astype(str)  # one value throughout: no bin edges, NaN
     else:
         key = subjects["target"].astype(str)
     for column in stratify_by:

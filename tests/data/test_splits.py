@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 import pytest
 
@@ -80,6 +82,48 @@ class TestMakeSplits:
         ]
         assert max(means) - min(means) < 5
 
+    def test_regression_strata_use_each_subjects_mean_target(self):
+        # the first scans all have one value; the subjects differ only in the later ones
+        records = []
+        for index in range(40):
+            for session, target in enumerate((60.0, 40.0 + 2 * index)):
+                records.append(
+                    ImageRecord(
+                        f"sub-{index:03d}", f"/d/{index}_{session}.nii.gz", target, f"ses-{session}"
+                    )
+                )
+        cohort = Cohort(records, Task.REGRESSION, "age", "/d/cohort.csv")
+        table = make_splits(cohort, n_folds=4, seed=0)
+        means = cohort.subject_table().set_index("subject_id")["target"]
+        quartile = pd.qcut(means, 4, labels=False)
+        for _, part in table[table["role"] == "test"].groupby("fold"):
+            counts = quartile[part["subject_id"]].value_counts()
+            assert sorted(counts.index) == [0, 1, 2, 3] and set(counts) <= {2, 3}, counts
+
+    def test_regression_with_one_target_value_still_splits(self):
+        records = [ImageRecord(f"s{i:02d}", f"/d/{i}.nii.gz", 70.0) for i in range(10)]
+        cohort = Cohort(records, Task.REGRESSION, "age", "/d/cohort.csv")
+        table = make_splits(cohort, n_folds=2, seed=0)
+        assert sorted(table[table["role"] == "test"]["subject_id"]) == cohort.subjects
+
+    def test_stratifying_on_a_column_no_subject_has_is_an_error(self):
+        cohort = _cohort()
+        cohort.records[:] = [dataclasses.replace(r, site=None) for r in cohort.records]
+        with pytest.raises(
+            ValueError,
+            match=r"stratify_by names \['site'\], but no subject of cohort .*cohort.csv has a",
+        ):
+            make_splits(cohort, stratify_by=["sex", "site"])
+
+    def test_subjects_without_a_stratify_value_share_a_stratum(self):
+        cohort = _cohort()
+        cohort.records[:] = [
+            dataclasses.replace(r, site=None) if r.subject_id < "sub-010" else r
+            for r in cohort.records
+        ]
+        table = make_splits(cohort, stratify_by=["site"], seed=0)
+        assert table.groupby(["fold", "subject_id"]).size().max() == 1
+
     @pytest.mark.parametrize(
         ("kwargs", "message"),
         [
@@ -127,6 +171,20 @@ class TestSplitTableFiles:
         table = make_splits(cohort, seed=0)
         path = write_split_table(table, tmp_path / "splits.tsv")
         pd.testing.assert_frame_equal(read_split_table(path, cohort), table)
+
+    @pytest.mark.parametrize(
+        ("text", "message"),
+        [
+            ("", r"split table .*splits.tsv is empty; expected columns \['subject_id'"),
+            ("subject_id\tfold\trole\n", r"split table .*splits.tsv has a header but no rows"),
+        ],
+        ids=["empty", "header_only"],
+    )
+    def test_table_without_rows_is_an_error_naming_the_file(self, tmp_path, text, message):
+        path = tmp_path / "splits.tsv"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_split_table(path, _cohort())
 
     @pytest.mark.parametrize(
         ("rows", "message"),

@@ -221,16 +221,111 @@ def test_crop_foreground_centres_an_off_centre_head(tmp_path):
     assert int((uncropped != 0).sum()) < 10 * 8 * 12  # the centre crop cuts the head
 
 
-def test_foreground_fraction_ignores_noisy_background(tmp_path):
+def rician_background(phantom_data: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    """Magnitude of the phantom plus complex Gaussian noise: positive everywhere, as in MRI."""
+    rng = np.random.default_rng(seed)
+    real = phantom_data + rng.normal(0.0, sigma, phantom_data.shape)
+    return np.hypot(real, rng.normal(0.0, sigma, phantom_data.shape))
+
+
+HEAD_BOX = 15 * 17 * 13  # bounding box of the phantom's head
+
+
+def test_foreground_fraction_zero_takes_every_positive_voxel(tmp_path):
     data = phantom() + np.random.default_rng(1).uniform(0.5, 3.0, (SIDE,) * 3)
     path = write(tmp_path / "noisy.nii.gz", data, ras_affine((1.0, 1.0, 1.0)))
     config = dataclasses.replace(CONFIG, spacing_mm=(1.0, 1.0, 1.0), shape=(24, 24, 24))
-    plain = preprocess(path, config)["image"][0]
-    robust = preprocess(path, dataclasses.replace(config, foreground_fraction=0.2))["image"][0]
+    plain = preprocess(path, dataclasses.replace(config, foreground_fraction=0.0))["image"][0]
+    robust = preprocess(path, config)["image"][0]
     # a positive background makes the whole field of view foreground: nothing to pad
     assert int((plain == 0).sum()) <= 1
-    # with the threshold the crop keeps the head's box (15 × 17 × 13) and pads the rest
-    assert int((robust == 0).sum()) >= 24**3 - 15 * 17 * 13
+    # with the default threshold the crop keeps the head's box and pads the rest
+    assert int((robust == 0).sum()) >= 24**3 - HEAD_BOX
+
+
+def test_zscore_uses_the_foreground_of_a_noisy_background(tmp_path):
+    head = phantom() > 0
+    data = rician_background(phantom(), sigma=4.0, seed=2)
+    assert data.min() > 0  # every voxel positive, as in the demo cohort
+    path = write(tmp_path / "noisy.nii.gz", data, ras_affine((1.0, 1.0, 1.0)))
+    config = dataclasses.replace(CONFIG, spacing_mm=(1.0, 1.0, 1.0), shape=(24, 24, 24))
+    image = preprocess(path, config)["image"][0]
+
+    # the foreground is the head: z-scored there, 0 elsewhere (background and padding)
+    values = foreground_voxels(image).double()
+    assert values.numel() == int(head.sum())
+    assert abs(float(values.mean())) < 1e-4
+    assert float(values.std(unbiased=False)) == pytest.approx(1.0, abs=1e-4)
+    assert int((image == 0).sum()) == 24**3 - int(head.sum())
+    # the crop removed the background: the head is centred, its box padded
+    lo, hi = image.nonzero().amin(0), image.nonzero().amax(0)
+    assert (hi - lo + 1).tolist() == [15, 17, 13]
+    assert lo.tolist() == [4, 3, 5]
+
+
+def test_zscore_does_not_depend_on_the_field_of_view(tmp_path):
+    # the same head, scanned with 8 more voxels of noisy background on every side
+    small = rician_background(phantom(), sigma=4.0, seed=3)
+    large = rician_background(np.pad(phantom(), 8), sigma=4.0, seed=4)
+    large[8:-8, 8:-8, 8:-8] = small
+    large_affine = ras_affine((1.0, 1.0, 1.0))
+    large_affine[:3, 3] -= 8.0
+    config = dataclasses.replace(CONFIG, spacing_mm=(1.0, 1.0, 1.0), shape=(24, 24, 24))
+    first = preprocess(write(tmp_path / "s.nii.gz", small, ras_affine((1.0, 1.0, 1.0))), config)
+    second = preprocess(write(tmp_path / "l.nii.gz", large, large_affine), config)
+    torch.testing.assert_close(
+        first["image"].as_tensor(), second["image"].as_tensor(), atol=1e-5, rtol=0
+    )
+
+
+def test_dark_regions_inside_the_head_keep_their_intensities(tmp_path):
+    # a bright shell around a dark cavity (a ventricle in T1): below the threshold, enclosed
+    data = rician_background(np.zeros((24, 24, 24)), sigma=2.0, seed=6)
+    data[6:18, 6:18, 6:18] = 100.0
+    data[10:14, 10:14, 10:14] = 10.0
+    path = write(tmp_path / "cavity.nii.gz", data, ras_affine((1.0, 1.0, 1.0)))
+    config = dataclasses.replace(CONFIG, spacing_mm=(1.0, 1.0, 1.0), shape=(24, 24, 24))
+    image = preprocess(path, config)["image"][0]
+    inside = image[image != 0]
+    assert inside.numel() == 12**3  # shell and cavity: the cavity is foreground
+    cavity = inside[inside < 0]
+    assert cavity.numel() == 4**3 and float(cavity.max()) < -2  # darker than the shell
+
+
+def test_specks_of_noise_do_not_stretch_the_crop_but_parts_of_a_head_stay(tmp_path):
+    data = np.zeros((40, 40, 40))
+    rng = np.random.default_rng(5)
+    data[4:12, 4:20, 20:36] = 100.0 + rng.normal(0, 5, (8, 16, 16))  # two halves of a head,
+    data[14:22, 4:20, 20:36] = 100.0 + rng.normal(0, 5, (8, 16, 16))  # split by a dark gap
+    data[38, 38, 2] = 90.0  # a hot noise voxel far away
+    path = write(tmp_path / "specks.nii.gz", data, ras_affine((1.0, 1.0, 1.0)))
+    config = dataclasses.replace(CONFIG, spacing_mm=(1.0, 1.0, 1.0), shape=(24, 24, 24))
+    image = preprocess(path, config)["image"][0]
+    assert int((image != 0).sum()) == 2 * 8 * 16 * 16  # both halves, not the speck
+    lo, hi = image.nonzero().amin(0), image.nonzero().amax(0)
+    assert (hi - lo + 1).tolist() == [18, 16, 16]
+
+
+def test_image_without_positive_voxels_is_rejected_naming_it(tmp_path):
+    path = write(tmp_path / "negative.nii.gz", -1.0 - phantom(), ras_affine())
+    with pytest.raises(RuntimeError) as excinfo:
+        preprocess(path)
+    assert isinstance(excinfo.value.__cause__, ValueError)
+    assert "negative.nii.gz: no positive voxel" in str(excinfo.value.__cause__)
+
+
+def test_demo_cohort_preprocesses_without_its_background(demo_cohort):
+    # the demo's Rician background is positive everywhere: the default must still find heads
+    paths = sorted(demo_cohort.glob("sub-*/**/*_T1w.nii*"))
+    assert len(paths) == 12
+    for path in paths:
+        image = preprocess(path, PreprocessingConfig())["image"]
+        assert tuple(image.shape) == (1, 64, 64, 64) and torch.isfinite(image).all()
+        values = foreground_voxels(image).double()
+        assert abs(float(values.mean())) < 1e-3, path.name
+        assert float(values.std(unbiased=False)) == pytest.approx(1.0, abs=1e-3), path.name
+        # a brain of about 1.4 litres in 27 mm³ voxels, not the field of view
+        assert 0.1 < values.numel() / 64**3 < 0.35, (path.name, values.numel())
 
 
 def test_non_finite_voxels_become_zero(tmp_path):

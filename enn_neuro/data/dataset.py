@@ -14,9 +14,13 @@ Note [cache key]:
     replaced:
 
     - the item part (:class:`FileKey`) hashes the resolved path, the file's size and
-      ``mtime_ns``, and SHA-256 of its first and last MiB (the tail of a ``.nii.gz`` holds the
-      CRC32 of the whole uncompressed image; the content hash also catches a rewrite that kept
-      size and time, as ``cp -p`` or ``rsync -a`` do). The content hash is memoised per
+      ``mtime_ns``, and SHA-256 of its first and last MiB (the whole file up to 2 MiB). A
+      change of size or time is always caught. A rewrite that keeps both, as ``cp -p`` or
+      ``rsync -a`` of another version can, is caught if it touches the header, the first or
+      last MiB: for a ``.nii.gz`` that is always (the tail holds the CRC32 and length of the
+      whole uncompressed image, barring a CRC collision); for a ``.nii`` over 2 MiB a change
+      confined to the middle is missed. Hashing whole files would catch that too, at the
+      cost of reading the cohort again at every start. The content hash is memoised per
       ``(path, size, mtime_ns)`` so that a warm read costs one ``stat``;
     - the transform part is :meth:`PreprocessingConfig.fingerprint`: every field, the
       pipeline version and the MONAI and nibabel versions.
@@ -170,10 +174,10 @@ def make_dataset(
 
 
 class FileKey:
-    """``hash_func`` of ``PersistentDataset``: a key that changes whenever the file changes.
+    """``hash_func`` of ``PersistentDataset``: a key from the file's path, size, time and ends.
 
-    See ``Note [cache key]``. A class, not a closure, so that it pickles into DataLoader
-    workers; each process keeps its own memo.
+    What it catches, and the one rewrite it misses, is in ``Note [cache key]``. A class, not a
+    closure, so that it pickles into DataLoader workers; each process keeps its own memo.
     """
 
     def __init__(self) -> None:

@@ -12,6 +12,16 @@ Note [global batch]:
     k-th global batch a single process would draw, and DDP's gradient average equals the
     gradient of the global batch's mean loss, so 1 and N processes train the same model up
     to float summation order (and BatchNorm statistics, which are per process on the CPU).
+
+    A partial global batch (a training set no bigger than one batch, or the last batch
+    without ``drop_last``) of p samples is shared the same way: the ranks together take
+    exactly the p samples one process would, rank r taking ``ceil((p - r) / W)`` of them.
+    When W does not divide p, those shares differ by one, and DDP, which averages the ranks'
+    gradients with equal weights, then weights that batch's samples unequally (3 samples on
+    2 ranks: 1/4, 1/4 and 1/2 instead of 1/3 each); this is logged as a warning. A partial
+    batch with fewer samples than ranks cannot be shared (a rank without a batch would
+    leave the others waiting in DDP): it is left out of the epoch, with a warning, or
+    refused with a ``ValueError`` when it is the whole training set.
 """
 
 from __future__ import annotations
@@ -122,6 +132,9 @@ def init_distributed(
 class EpochSampler(Sampler[int]):
     """This rank's share of one seeded permutation per epoch (see ``Note [global batch]``).
 
+    Batched by ``global_batch / world_size``, the ranks' k-th batches together hold the k-th
+    ``global_batch`` indices of the permutation, also for a partial last batch.
+
     Args:
         size: Number of training samples.
         global_batch: ``training.batch_size``; a multiple of ``world_size``.
@@ -129,7 +142,8 @@ class EpochSampler(Sampler[int]):
         drop_last: Drop the incomplete last global batch (when there is more than one batch).
 
     Raises:
-        ValueError: If the global batch does not divide among the ranks.
+        ValueError: If the global batch does not divide among the ranks, or the training set
+            has fewer samples than there are ranks.
     """
 
     def __init__(
@@ -140,14 +154,38 @@ class EpochSampler(Sampler[int]):
                 f"training.batch_size ({global_batch}) must be a multiple of the number of "
                 f"processes ({context.world_size})"
             )
+        world_size = context.world_size
+        if size < world_size:
+            raise ValueError(
+                f"the training set ({size} samples) must have at least one sample per "
+                f"process ({world_size})"
+            )
         self.size = size
         self.global_batch = global_batch
         self.context = context
         usable = size
         if drop_last and size > global_batch:
             usable = size // global_batch * global_batch
-        # every rank takes the same number of samples, so that no rank waits in a collective
-        self.per_rank = usable // context.world_size
+
+        # every rank takes the same number of batches, so that no rank waits in a collective
+        partial = usable % global_batch
+        if 0 < partial < world_size:
+            usable -= partial
+            _warn_once(
+                context,
+                f"the last training batch ({partial} of {size} samples) has fewer samples than "
+                f"there are processes ({world_size}): it is left out of every epoch",
+            )
+        elif partial % world_size:
+            shares = [len(range(r, partial, world_size)) for r in range(world_size)]
+            _warn_once(
+                context,
+                f"the last training batch ({partial} of {size} samples) does not divide among "
+                f"{world_size} processes: shares {shares}, which DDP weights equally, so its "
+                f"samples are weighted unequally (see Note [global batch])",
+            )
+        self.usable = usable
+        self.per_rank = len(range(context.rank, usable, world_size))
         self.seed = 0
 
     def set_seed(self, seed: int) -> None:
@@ -157,7 +195,7 @@ class EpochSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed)
         order = torch.randperm(self.size, generator=generator)
-        share = order[self.context.rank :: self.context.world_size][: self.per_rank]
+        share = order[: self.usable][self.context.rank :: self.context.world_size]
         return iter(share.tolist())
 
     def __len__(self) -> int:
@@ -165,7 +203,10 @@ class EpochSampler(Sampler[int]):
 
 
 class ShardSampler(Sampler[int]):
-    """Indices ``rank, rank + W, ...`` in order: evaluation shards, gathered afterwards."""
+    """Indices ``rank, rank + W, ...`` in order: evaluation shards, gathered afterwards.
+
+    Every index belongs to exactly one rank; the first ``size % W`` ranks hold one more.
+    """
 
     def __init__(self, size: int, context: DistributedContext) -> None:
         self.indices = list(range(context.rank, size, context.world_size))
@@ -175,3 +216,9 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def _warn_once(context: DistributedContext, message: str) -> None:
+    """A warning from rank 0 only: every rank would log the same one."""
+    if context.is_main:
+        logger.warning(message)

@@ -1,21 +1,33 @@
-"""Data-parallel studies in real processes: torchrun, gloo, two ranks on the CPU."""
+"""Data-parallel studies in real processes (torchrun, gloo, two ranks on the CPU), and the
+samplers that share the data among the ranks."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import logging
 import os
+import pickle
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from mlflow import MlflowClient
+from torch.utils.data import BatchSampler
 
+from enn_neuro.training.distributed import DistributedContext, EpochSampler, ShardSampler
+from enn_neuro.training.loop import Predictions, _merge_shards
 from tests.training.conftest import tiny_config
-
-pytestmark = pytest.mark.slow
 
 # same global batch (4) and seed; GroupNorm, since BatchNorm statistics are per process on CPU;
 # no augmentation, whose random draws depend on which rank reads a sample
@@ -32,6 +44,39 @@ def _torchrun(nproc: int, config: Path, *extra: str) -> list[str]:
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
         "-m", "enn_neuro", "-q", "cv", str(config), *extra,
     ]  # fmt: skip
+
+
+def run_ranks(body: Callable, world_size: int, *args) -> list:
+    """``body(context, *args)`` in ``world_size`` fresh processes joined by gloo on the CPU.
+
+    ``body`` must be a module-level function (the processes are spawned and import it) and
+    return something picklable.
+
+    Returns:
+        Each rank's return value, in rank order.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_rank_main, args=(world_size, port, folder, body, args), nprocs=world_size)
+        return [pickle.loads((Path(folder) / f"{r}.pkl").read_bytes()) for r in range(world_size)]
+
+
+def _rank_main(rank, world_size, port, folder, body, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    try:
+        result = body(DistributedContext(rank, world_size, rank), *args)
+        (Path(folder) / f"{rank}.pkl").write_bytes(pickle.dumps(result))
+    finally:
+        dist.destroy_process_group()
 
 
 def _single(config: Path) -> list[str]:
@@ -65,6 +110,103 @@ def _assert_same_results(study_a: Path, uri_a: str, study_b: Path, uri_b: str) -
         assert losses_b[fold] == pytest.approx(losses_a[fold], abs=TOLERANCE)
 
 
+def _batches(sampler: EpochSampler) -> list[list[int]]:
+    """The batches a DataLoader over ``sampler`` draws on its rank."""
+    per_rank = sampler.global_batch // sampler.context.world_size
+    return [list(batch) for batch in BatchSampler(sampler, per_rank, drop_last=False)]
+
+
+def _samplers(size, global_batch, world_size, drop_last=True, seed=7):
+    samplers = [
+        EpochSampler(size, global_batch, DistributedContext(rank, world_size), drop_last)
+        for rank in range(world_size)
+    ]
+    for sampler in samplers:
+        sampler.set_seed(seed)
+    return samplers
+
+
+class TestEpochSampler:
+    @pytest.mark.parametrize(
+        ("size", "global_batch", "world_size", "drop_last"),
+        [
+            (3, 4, 2, True),  # the whole set is one partial batch, odd
+            (4, 4, 2, True),
+            (6, 8, 4, True),
+            (10, 4, 2, True),  # the partial last batch is dropped
+            (10, 4, 2, False),
+            (11, 4, 2, False),
+            (11, 6, 3, False),
+        ],
+    )
+    def test_the_ranks_batches_together_are_the_single_process_batches(
+        self, size, global_batch, world_size, drop_last
+    ):
+        (single,) = _samplers(size, global_batch, 1, drop_last)
+        expected = _batches(single)
+        per_rank = [_batches(s) for s in _samplers(size, global_batch, world_size, drop_last)]
+
+        assert {len(batches) for batches in per_rank} == {len(expected)}  # no rank waits
+        for k, batch in enumerate(expected):
+            union = [index for batches in per_rank for index in batches[k]]
+            assert sorted(union) == sorted(batch), k
+
+    def test_an_uneven_last_batch_warns_about_its_weights(self, caplog):
+        with caplog.at_level(logging.WARNING):
+            samplers = _samplers(3, 4, 2)
+        assert [len(s) for s in samplers] == [2, 1]
+        assert "does not divide among 2 processes: shares [2, 1]" in caplog.text
+        assert len(caplog.records) == 1  # rank 0 only
+
+    def test_a_last_batch_smaller_than_the_world_is_left_out_with_a_warning(self, caplog):
+        with caplog.at_level(logging.WARNING):
+            samplers = _samplers(9, 4, 4, drop_last=False)
+        assert [len(s) for s in samplers] == [2, 2, 2, 2]
+        covered = {index for s in samplers for index in s}
+        assert len(covered) == 8
+        assert "(1 of 9 samples) has fewer samples than there are processes (4)" in caplog.text
+
+    def test_fewer_samples_than_processes_is_refused(self):
+        with pytest.raises(ValueError, match=r"training set \(1 samples\) must have at least one"):
+            EpochSampler(1, 2, DistributedContext(0, 2))
+
+    def test_each_epoch_seed_draws_its_own_permutation(self):
+        (sampler,) = _samplers(12, 4, 1)
+        first = list(sampler)
+        sampler.set_seed(8)
+        assert sorted(first) == sorted(sampler) and first != list(sampler)
+
+
+class TestShardSampler:
+    @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+    @pytest.mark.parametrize("size", [1, 2, 5, 7])
+    def test_every_item_is_predicted_once_and_merged_back_in_order(self, size, world_size):
+        shards = [
+            list(ShardSampler(size, DistributedContext(r, world_size))) for r in range(world_size)
+        ]
+        assert sorted(i for shard in shards for i in shard) == list(range(size))
+        assert [len(shard) for shard in shards] == [
+            len(range(r, size, world_size)) for r in range(world_size)
+        ]
+
+        # what each rank predicts for its shard, gathered as predict_loader does
+        predictions = [
+            Predictions(
+                subject_ids=[f"s{i}" for i in shard],
+                session_ids=[""] * len(shard),
+                images=[f"i{i}" for i in shard],
+                targets=np.array(shard, dtype=float),
+                outputs=[np.array([[float(i)] for i in shard]).reshape(len(shard), 1)],
+            )
+            for shard in shards
+        ]
+        merged = _merge_shards(predictions)
+        assert merged.subject_ids == [f"s{i}" for i in range(size)]
+        assert merged.targets.tolist() == list(range(size))
+        assert merged.outputs[0][:, 0].tolist() == list(range(size))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["bp", "local"])
 def test_two_processes_train_the_same_model_as_one(tmp_path, demo_cohort, cache_dir, mode):
     sections = {**SECTIONS, "training": {**SECTIONS["training"], "mode": mode}}
@@ -88,6 +230,7 @@ def test_two_processes_train_the_same_model_as_one(tmp_path, demo_cohort, cache_
     assert len(client.search_runs([experiment.experiment_id])) == 3
 
 
+@pytest.mark.slow
 def test_killed_ddp_study_resumes_to_the_same_metrics(tmp_path, demo_cohort, cache_dir):
     sections = {**SECTIONS, "training": {**SECTIONS["training"], "epochs": 3}}
     reference = tmp_path / "reference"
@@ -130,6 +273,7 @@ def test_killed_ddp_study_resumes_to_the_same_metrics(tmp_path, demo_cohort, cac
     assert len(client.search_runs([experiment.experiment_id])) == 3
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_fails_the_job_instead_of_hanging(tmp_path, demo_cohort, cache_dir):
     sections = {**SECTIONS, "training": {**SECTIONS["training"], "epochs": 50}}
     config = tiny_config(tmp_path, demo_cohort, cache_dir, name="ddp", **sections)

@@ -5,7 +5,8 @@ each other: rank k owns a contiguous group of blocks, receives each batch's acti
 targets) from rank k − 1, takes a local step on each of its blocks, and sends its output to
 rank k + 1. Nothing is sent backwards. Sends are asynchronous, so while rank 1 works on batch
 t, rank 0 is already on batch t + 1: with K ranks and balanced groups, an epoch takes about
-1/K of the sequential time once the pipeline is full.
+1/K of the sequential time once the pipeline is full. See Note [sends in flight] for how far
+a stage may run ahead of the next.
 
 Blocks are grouped by measured cost (one timed training step per block on this input
 shape), not by count: the stem and first stage of a 3D ResNet cost several times the last.
@@ -13,6 +14,16 @@ shape), not by count: the stem and first stage of a 3D ResNet cost several times
 At every epoch's end the ranks send their blocks' weights and optimizer states to rank 0,
 which then holds the whole network in the same checkpoint format as sequential local mode,
 validates it, logs and writes the checkpoints.
+
+Note [sends in flight]:
+    A gloo send completes only once the receiving rank has posted the matching receive, and
+    until then the sender must keep the sent tensors alive. Unbounded, a fast stage would
+    hold a copy of every batch the next stage has not yet taken: at ImageNet scale, host
+    memory without limit. A stage therefore keeps at most ``_SENDS_IN_FLIGHT`` (2) batches
+    in flight and waits for the oldest before it sends a third. Two suffice for overlap: the
+    next stage receives batch t while this one computes batch t + 1; more would only absorb
+    larger swings in step time, at the cost of memory. The time spent waiting on a send is
+    counted in ``train/stage<k>_wait_s``, with the time spent waiting for input.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import copy
 import logging
 import statistics
 import time
+from collections import deque
 from collections.abc import Sequence
 
 import torch
@@ -35,6 +47,7 @@ __all__ = ["StagePipeline", "balanced_groups"]
 logger = logging.getLogger(__name__)
 
 _HEADER_SIZE = 6  # batch, channels, and up to 3 spatial sizes, plus a spare
+_SENDS_IN_FLIGHT = 2  # see Note [sends in flight]
 
 
 def balanced_groups(costs: Sequence[float], parts: int) -> list[list[int]]:
@@ -110,25 +123,36 @@ class StagePipeline:
     def train_epoch(
         self, loader: DataLoader, fold: int, epoch: int, global_step: int
     ) -> tuple[dict[str, float], int]:
-        """One epoch: rank 0 reads batches, every rank trains its blocks, activations flow on."""
+        """One epoch: rank 0 reads batches, every rank trains its blocks, activations flow on.
+
+        Returns:
+            This stage's statistics (its blocks' losses, wait and busy time; on rank 0 also
+            ``train/skipped_images`` when the batches count unreadable files) and the new
+            global step.
+        """
         context, learner = self.context, self.learner
         rank, last_rank = context.rank, context.world_size - 1
         steps = context.broadcast(len(loader) if context.is_main else None)
         batches = iter(loader) if context.is_main else None
         totals = {index: 0.0 for index in self.mine}
         penalties = 0.0
-        pending: list = []  # sends in flight, with the tensors they read
+        sends = _SendWindow(_SENDS_IN_FLIGHT)
         waited = samples = 0.0
+        skipped: int | None = None  # unreadable images replaced (2D skip mode)
         start = time.perf_counter()
         for step in range(steps):
             # this stage's input: a batch from the loader, or the previous stage's output
             wait_start = time.perf_counter()
             if rank == 0:
                 batch = next(batches)
-                features = batch["image"].to(learner.device)  # (B, 1, D, H, W)
-                targets = batch["label"].to(learner.device)  # (B,)
+                if "skipped" in batch:
+                    skipped = (skipped or 0) + int(batch["skipped"].sum())
+                features = learner.prepare(batch["image"])  # (B, C, *S)
+                targets = batch["label"].to(learner.device, non_blocking=True)  # (B,)
             else:
-                features, targets = _receive(rank - 1, learner.device, learner.task)
+                features, targets = _receive(rank - 1, learner.task)
+                features = learner.prepare(features)  # (B, C', *S')
+                targets = targets.to(learner.device, non_blocking=True)  # (B,)
             waited += time.perf_counter() - wait_start
 
             # a local step on each block of this stage
@@ -140,14 +164,12 @@ class StagePipeline:
                 totals[index] += task_loss
                 penalties += penalty
 
-            # pass on: asynchronous, nothing comes back
+            # pass on: asynchronous, nothing comes back, at most 2 batches ahead
             if rank < last_rank:
-                pending = [w for w in pending if not w[0].is_completed()]
-                pending.append(_send(features.detach(), targets, rank + 1))
+                waited += sends.push(_send(features.detach(), targets, rank + 1))
             samples += features.shape[0]
             global_step += 1
-        for work, *_ in pending:
-            work.wait()
+        waited += sends.drain()
 
         elapsed = time.perf_counter() - start
         stats = {f"train/block{i}_loss": total / max(steps, 1) for i, total in totals.items()}
@@ -156,6 +178,8 @@ class StagePipeline:
         stats[f"train/stage{rank}_busy_share"] = 1 - waited / max(elapsed, 1e-9)
         stats["train/samples_per_s"] = samples / max(elapsed, 1e-9)
         stats["train/epoch_s"] = elapsed
+        if skipped is not None:
+            stats["train/skipped_images"] = skipped
         return stats, global_step
 
     def collect(self, stats: dict[str, float]) -> dict[str, float]:
@@ -168,12 +192,15 @@ class StagePipeline:
         learner = self.learner
         state = learner.training_state()
         prefixes = _prefixes_of(learner, self.mine)
+        # on the CPU: rank 0 could not unpickle tensors of another rank's GPU; loading puts
+        # weights and optimizer moments back on rank 0's device (load_state_dict casts
+        # optimizer state to its parameter's device)
         payload = {
             "model": {k: v.cpu() for k, v in state["model"].items() if k.startswith(prefixes)},
             "heads": {
                 k: v.cpu() for k, v in state["heads"].items() if int(k.split(".")[0]) in self.mine
             },
-            "optimizers": {i: state["optimizers"][i] for i in self.mine},
+            "optimizers": {i: _on_cpu(state["optimizers"][i]) for i in self.mine},
             "stats": stats,
         }
         gathered = [None] * self.context.world_size if self.context.is_main else None
@@ -217,8 +244,19 @@ def _prefixes_of(learner: Learner, blocks: Sequence[int]) -> tuple[str, ...]:
     return tuple(prefixes)
 
 
-def _send(features: torch.Tensor, targets: torch.Tensor, destination: int):
-    """Sends a header, the activations and the targets; returns the works and their tensors."""
+def _on_cpu(value):
+    """``value`` (nested dicts, lists, tuples) with every tensor copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(item) for item in value)
+    return value
+
+
+def _send(features: torch.Tensor, targets: torch.Tensor, destination: int) -> _Send:
+    """Starts sending a header, the activations and the targets to ``destination``."""
     header = torch.zeros(_HEADER_SIZE, dtype=torch.int64)
     header[: features.dim()] = torch.tensor(features.shape)
     payload = features.contiguous().float().cpu()
@@ -228,10 +266,11 @@ def _send(features: torch.Tensor, targets: torch.Tensor, destination: int):
         dist.isend(payload, destination),
         dist.isend(labels, destination),
     ]
-    return (_AllWorks(works), header, payload, labels)
+    return _Send(works, (header, payload, labels))
 
 
-def _receive(source: int, device: torch.device, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _receive(source: int, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next activations (on the CPU) and targets that ``source`` sent."""
     header = torch.zeros(_HEADER_SIZE, dtype=torch.int64)
     dist.recv(header, source)
     shape = [int(s) for s in header.tolist() if s > 0]
@@ -240,21 +279,53 @@ def _receive(source: int, device: torch.device, task: str) -> tuple[torch.Tensor
     labels = torch.empty(shape[0], dtype=torch.float64)
     dist.recv(labels, source)
     labels = labels.long() if task == "classification" else labels.float()
-    return features.to(device), labels.to(device)
+    return features, labels
 
 
-class _AllWorks:
-    """Several asynchronous sends seen as one."""
+class _Send:
+    """The asynchronous sends of one batch, and the tensors they read until they complete."""
 
-    def __init__(self, works: list) -> None:
+    def __init__(self, works: list, tensors: tuple[torch.Tensor, ...]) -> None:
         self.works = works
+        self.tensors = tensors
 
     def is_completed(self) -> bool:
-        return all(w.is_completed() for w in self.works)
+        return all(work.is_completed() for work in self.works)
 
     def wait(self) -> None:
         for work in self.works:
             work.wait()
+
+
+class _SendWindow:
+    """At most ``limit`` batches in flight, oldest first: see Note [sends in flight]."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be a positive integer, got {limit!r}")
+        self.limit = limit
+        self.pending: deque[_Send] = deque()
+
+    def push(self, send: _Send) -> float:
+        """Adds ``send``; waits for the oldest while more than ``limit`` are pending.
+
+        Returns:
+            Seconds spent waiting.
+        """
+        while self.pending and self.pending[0].is_completed():
+            self.pending.popleft()  # frees its tensors
+        self.pending.append(send)
+        start = time.perf_counter()
+        while len(self.pending) > self.limit:
+            self.pending.popleft().wait()
+        return time.perf_counter() - start
+
+    def drain(self) -> float:
+        """Waits for every pending send; returns the seconds spent waiting."""
+        start = time.perf_counter()
+        while self.pending:
+            self.pending.popleft().wait()
+        return time.perf_counter() - start
 
 
 def _block_costs(learner: Learner, input_shape: Sequence[int], repeats: int = 3) -> list[float]:

@@ -96,10 +96,11 @@ _HIGH_DEPTH_MODES = ("F", "I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 class ImageLoadError(OSError):
-    """An image file could not be read or decoded; ``path`` is the file."""
+    """An image file could not be read or decoded; ``path`` is the file, ``reason`` why."""
 
     def __init__(self, path: Path, reason: str) -> None:
         self.path = Path(path)
+        self.reason = reason
         super().__init__(f"cannot read image {self.path}: {reason}")
 
 
@@ -207,7 +208,9 @@ class ImageFolderDataset(Dataset):
     """Images with class labels, read with PIL as RGB and transformed to ``(3, H, W)`` tensors.
 
     Item ``i`` is ``{"image": float32 (3, H, W), "label": torch.long 0-d, "subject_id": str,
-    "session_id": "", "image_path": str}``, which the default DataLoader collate batches.
+    "session_id": "", "image_path": str, "skipped": int}``, which the default DataLoader
+    collate batches (``"skipped"`` to a ``(B,)`` tensor whose sum is the batch's count of
+    unreadable files).
     ``subject_id`` is ``"<class>/<file stem>"``, or ``"<class>/<file name>"`` where two files
     of a class share a stem, or the path where even that repeats, so it is unique per image.
 
@@ -216,10 +219,13 @@ class ImageFolderDataset(Dataset):
     A file that fails to decode is handled by ``on_error``:
 
     - ``"raise"``: raise :class:`ImageLoadError` naming the file;
-    - ``"skip"``: log a warning naming the file, add 1 to :attr:`skipped` (a count per
-      process: each DataLoader worker keeps its own) and return the next readable sample
-      (``index + 1``, wrapping), so that one bad file never ends an epoch. Run
-      :func:`check_images` first to find such files up front.
+    - ``"skip"``: log a warning naming the file and return the next readable sample
+      (``index + 1``, wrapping), so that one bad file never ends an epoch. The item's
+      ``"skipped"`` is the number of files passed over to produce it (0 for an item read
+      at its own index), so that the training loop, which sees the batches of every
+      DataLoader worker, can count them; :attr:`skipped` counts them too, but per process
+      (each worker keeps its own). Run :func:`check_images` first to find such files up
+      front.
 
     The dataset pickles, for DataLoader workers, when ``transform`` does (those of
     :func:`train_transform` and :func:`eval_transform` do).
@@ -275,12 +281,12 @@ class ImageFolderDataset(Dataset):
                 if self.on_error == "raise":
                     raise
                 self.skipped += 1
-                logger.warning("skipping unreadable image %s (%s)", err.path, err)
+                logger.warning("skipping unreadable image %s: %s", err.path, err.reason)
                 continue
-            return self._item(current, image)
+            return self._item(current, image, skipped=attempt)
         raise ImageLoadError(self.paths[index], "no image of the dataset could be read")
 
-    def _item(self, index: int, image: Image.Image) -> dict[str, Any]:
+    def _item(self, index: int, image: Image.Image, skipped: int) -> dict[str, Any]:
         tensor = self.transform(image)  # (3, H, W)
         return {
             "image": tensor,
@@ -288,6 +294,7 @@ class ImageFolderDataset(Dataset):
             "subject_id": self.subject_ids[index],
             "session_id": "",
             "image_path": str(self.paths[index]),
+            "skipped": skipped,
         }
 
 

@@ -7,8 +7,11 @@ selects. Everything else (bp and local mode, DDP, stage-parallel local mode, che
 resume, MLflow) is the engine the 3D pipeline uses.
 
 Unreadable images (``data.on_corrupt``): ``report`` checks every file before training and
-stops listing every bad one; ``skip`` starts at once and skips a file that fails to load,
-with a warning naming it and a count. Either way no epoch crashes on a bad file.
+stops listing every bad one (under torchrun each rank checks a share of the files, and every
+rank stops with the same list); ``skip`` starts at once and skips a file that fails to load,
+with a warning naming it, and marks the item that replaced it (``"skipped"`` in the batch,
+see :class:`~enn_neuro.data.images2d.ImageFolderDataset`). Either way no epoch crashes on a
+bad file.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader
 
 from enn_neuro.config import ImageConfig
-from enn_neuro.data.cohort import CohortError
+from enn_neuro.data.cohort import CohortError, Problem
 from enn_neuro.data.images2d import (
     ImageFolderDataset,
     check_images,
@@ -62,9 +65,9 @@ def image_plan(config: ImageConfig, context: DistributedContext) -> StudyPlan:
     if data.max_train_per_class:
         train_samples = _per_class(train_samples, data.max_train_per_class, config.study.seed)
 
-    # pre-flight: every file read once, every problem listed, before any training
+    # pre-flight: every file read once (by one rank), every problem listed, before any training
     if data.on_corrupt == "report":
-        problems = check_images([path for path, _ in train_samples + test_samples])
+        problems = _check_shared([path for path, _ in train_samples + test_samples], context)
         if problems:
             raise CohortError(data.root, problems)
 
@@ -148,6 +151,27 @@ def _loaders(
         dataset = ImageFolderDataset(samples, classes, transform, on_error=on_error)
         loaders[role] = make_loader(dataset, role, config.training, data.num_workers, context)
     return loaders
+
+
+def _check_shared(paths: Sequence[Path], context: DistributedContext) -> list[Problem]:
+    """:func:`check_images` split over the ranks: each reads every W-th file once.
+
+    Returns:
+        Every rank's problems, on every rank, in the order of ``paths``, so that all ranks
+        raise the same error.
+    """
+    found = check_images(paths[context.rank :: context.world_size])
+    position = {path: index for index, path in enumerate(paths)}
+    problems = [problem for share in context.all_gather(found) for problem in share]
+    problems.sort(key=lambda problem: position[problem.path])
+    if context.enabled and context.is_main:
+        logger.info(
+            "checked %d images on %d ranks: %d unreadable",
+            len(paths),
+            context.world_size,
+            len(problems),
+        )
+    return problems
 
 
 def _per_class(samples: Sequence[Sample], limit: int, seed: int) -> list[Sample]:

@@ -171,7 +171,8 @@ def test_dataset_items_follow_the_engine_contract(mixed_folder, recwarn):
 
     for index, (path, label) in enumerate(samples):
         item = dataset[index]
-        assert set(item) == {"image", "label", "subject_id", "session_id", "image_path"}
+        assert set(item) == {"image", "label", "subject_id", "session_id", "image_path", "skipped"}
+        assert item["skipped"] == 0
         assert type(item["image"]) is torch.Tensor
         assert item["image"].shape == (3, 8, 8) and item["image"].dtype == torch.float32
         assert item["label"].dtype == torch.long and item["label"].ndim == 0
@@ -224,11 +225,25 @@ def test_dataset_skip_returns_next_sample_and_counts(folder_with_bad_file, caplo
     with caplog.at_level(logging.WARNING):
         item = dataset[1]
     assert item["subject_id"] == "a/2"
+    assert item["skipped"] == 1
     assert dataset.skipped == 1
-    assert str(bad) in caplog.text
+    assert f"skipping unreadable image {bad}: " in caplog.text
 
     assert dataset[0]["subject_id"] == "a/0"
+    assert dataset[0]["skipped"] == 0
     assert dataset.skipped == 1
+
+
+def test_dataset_skip_counts_reach_the_batches_from_every_worker(folder_with_bad_file):
+    samples, classes, bad = folder_with_bad_file
+    dataset = ImageFolderDataset(samples, classes, eval_transform(4), on_error="skip")
+    loader = DataLoader(dataset, batch_size=1, num_workers=2)
+
+    batches = list(loader)
+    assert sum(int(batch["skipped"].sum()) for batch in batches) == 1
+    assert [batch["subject_id"] for batch in batches] == [["a/0"], ["a/2"], ["a/2"]]
+    # the workers counted in their own copies: the batches are the only report
+    assert dataset.skipped == 0
 
 
 def test_dataset_skip_wraps_around_and_fails_if_nothing_reads(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -11,7 +12,9 @@ from mlflow import MlflowClient
 
 from enn_neuro.config import load_config
 from enn_neuro.data.cohort import CohortError
+from enn_neuro.training import images
 from enn_neuro.training.study import run_study
+from tests.training.test_distributed import run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +79,7 @@ def test_digits_study_learns_well_above_chance(tmp_path, digits_root, mode):
     ]
 
 
-def test_corrupt_images_are_reported_before_training_or_skipped(tmp_path, digits_root):
+def test_corrupt_images_are_reported_before_training_or_skipped(tmp_path, digits_root, caplog):
     root = tmp_path / "broken"
     shutil.copytree(digits_root, root)
     bad = root / "train" / "3" / "broken.png"
@@ -88,11 +91,52 @@ def test_corrupt_images_are_reported_before_training_or_skipped(tmp_path, digits
         run_study(config)
     assert not (tmp_path / "runs" / "report").exists()
 
-    # skip: training runs; the bad file is skipped with a warning, never a crash
+    # skip: training runs; the bad file is skipped with a warning naming it, never a crash
     config = _config(tmp_path, root, "skip", epochs=1)
     config.data.on_corrupt = "skip"
-    result = run_study(config)
+    with caplog.at_level(logging.WARNING, logger="enn_neuro.data.images2d"):
+        result = run_study(config)
     assert 0 <= result.fold_metrics[0]["test/accuracy"] <= 1
+    assert f"skipping unreadable image {bad}" in caplog.text
+
+
+def _report_on_ranks(context, config_path: str) -> dict:
+    """Runs the pre-flight check of ``image_plan`` in a rank; records the files it read."""
+    checked = []
+    check = images.check_images
+
+    def recording_check(paths, *args, **kwargs):
+        checked.extend(str(path) for path in paths)
+        return check(paths, *args, **kwargs)
+
+    images.check_images = recording_check  # a throwaway process: patched in place
+    try:
+        images.image_plan(load_config(config_path), context)
+    except CohortError as err:
+        return {"checked": checked, "error": str(err)}
+    return {"checked": checked, "error": None}
+
+
+def test_the_corrupt_image_check_is_split_over_the_ranks(tmp_path, digits_root):
+    root = tmp_path / "broken"
+    shutil.copytree(digits_root, root)
+    bad = [root / "train" / "3" / "broken.png", root / "val" / "7" / "broken.png"]
+    for path in bad:
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"cut short")
+    _config(tmp_path, root, "split", epochs=1)
+
+    first, second = run_ranks(_report_on_ranks, 2, str(tmp_path / "split.yaml"))
+
+    # each file read by exactly one rank
+    everything = {str(path) for path in root.rglob("*.png")}
+    assert not set(first["checked"]) & set(second["checked"])
+    assert set(first["checked"]) | set(second["checked"]) == everything
+    assert abs(len(first["checked"]) - len(second["checked"])) <= 1
+
+    # ...and every rank stops with the same list, in the folder's order
+    assert first["error"] == second["error"]
+    assert "has 2 problems" in first["error"]
+    assert first["error"].index(str(bad[0])) < first["error"].index(str(bad[1]))
 
 
 def test_an_interrupted_image_study_resumes_to_the_same_result(tmp_path, digits_root, monkeypatch):

@@ -300,11 +300,14 @@ def train_one_epoch(
     totals = {"loss": 0.0, "task_loss": 0.0, "penalty": 0.0}
     block_totals = [0.0] * learner.num_blocks
     samples, data_wait, steps = 0, 0.0, 0
+    skipped = None  # unreadable images passed over (2D skip mode), when the data counts them
     epochs = learner.config.training.epochs
     progress = _progress(loader, f"fold {fold} epoch {epoch + 1}/{epochs}")
     start = waited_since = time.perf_counter()
     for batch in progress:
         data_wait += time.perf_counter() - waited_since
+        if "skipped" in batch:
+            skipped = (skipped or 0) + int(batch["skipped"].sum())
         images = learner.prepare(batch["image"])  # (B, C, *S)
         targets = batch["label"].to(learner.device, non_blocking=True)  # (B,)
         where = f"fold {fold}, epoch {epoch + 1}, step {steps + 1}"  # as the log lines count
@@ -348,6 +351,7 @@ def train_one_epoch(
             "steps": steps,
             "wait": data_wait,
             "elapsed": elapsed,
+            "skipped": skipped,
         }
     )
     totals = {name: sum(share["totals"][name] for share in shares) for name in totals}
@@ -361,6 +365,15 @@ def train_one_epoch(
     if learner.num_blocks > 1:
         for index, value in enumerate(block_totals):
             stats[f"train/block{index}_loss"] = value / rank_steps
+    if skipped is not None:
+        stats["train/skipped_images"] = sum(share["skipped"] or 0 for share in shares)
+        if stats["train/skipped_images"] and learner.context.is_main:
+            logger.warning(
+                "fold %d epoch %d: %d unreadable image(s) skipped (named in the warnings above)",
+                fold,
+                epoch + 1,
+                stats["train/skipped_images"],
+            )
     return stats, global_step
 
 

@@ -94,10 +94,21 @@ def test_corrupt_images_are_reported_before_training_or_skipped(tmp_path, digits
     # skip: training runs; the bad file is skipped with a warning naming it, never a crash
     config = _config(tmp_path, root, "skip", epochs=1)
     config.data.on_corrupt = "skip"
-    with caplog.at_level(logging.WARNING, logger="enn_neuro.data.images2d"):
+    with caplog.at_level(logging.WARNING, logger="enn_neuro"):
         result = run_study(config)
     assert 0 <= result.fold_metrics[0]["test/accuracy"] <= 1
     assert f"skipping unreadable image {bad}" in caplog.text
+
+    # and counted: the epoch's metric in MLflow, and a warning with the count
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name("images")
+    (fold_run,) = [
+        r
+        for r in client.search_runs([experiment.experiment_id])
+        if r.data.tags.get("mlflow.runName", "").startswith("skip-fold")
+    ]
+    assert fold_run.data.metrics["train/skipped_images"] == 1
+    assert "epoch 1: 1 unreadable image(s) skipped" in caplog.text
 
 
 def _report_on_ranks(context, config_path: str) -> dict:

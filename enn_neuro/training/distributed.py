@@ -129,6 +129,19 @@ def init_distributed(
     return DistributedContext(rank, world_size, local_rank), device
 
 
+def check_global_batch(global_batch: int, context: DistributedContext) -> None:
+    """Refuses a global batch (``training.batch_size``) that does not divide among the ranks.
+
+    Raises:
+        ValueError: Naming the batch size and the number of processes.
+    """
+    if global_batch % context.world_size:
+        raise ValueError(
+            f"training.batch_size ({global_batch}) must be a multiple of the number of "
+            f"processes ({context.world_size})"
+        )
+
+
 class EpochSampler(Sampler[int]):
     """This rank's share of one seeded permutation per epoch (see ``Note [global batch]``).
 
@@ -149,11 +162,7 @@ class EpochSampler(Sampler[int]):
     def __init__(
         self, size: int, global_batch: int, context: DistributedContext, drop_last: bool = True
     ) -> None:
-        if global_batch % context.world_size:
-            raise ValueError(
-                f"training.batch_size ({global_batch}) must be a multiple of the number of "
-                f"processes ({context.world_size})"
-            )
+        check_global_batch(global_batch, context)
         world_size = context.world_size
         if size < world_size:
             raise ValueError(

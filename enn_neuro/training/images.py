@@ -125,6 +125,7 @@ def image_plan(config: ImageConfig, context: DistributedContext) -> StudyPlan:
         tags=study_tags(config, [_listing_hash(parts)]),
         tables={"splits.tsv": table},
         fold_data=fold_data,
+        classes=list(classes),
     )
 
 

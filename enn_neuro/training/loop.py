@@ -158,11 +158,6 @@ def fit(
     main = context.is_main
     metric = default_metric(config)
     higher_is_better = selection_direction(metric)
-    if metric == "top5_accuracy" and len(classes) <= 5:
-        raise ValueError(
-            f"training.selection_metric 'top5_accuracy' needs more than 5 classes, got "
-            f"{len(classes)}"
-        )
     last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
 
     state = {

@@ -156,7 +156,7 @@ class StagePipeline:
             waited += time.perf_counter() - wait_start
 
             # a local step on each block of this stage
-            where = f"fold {fold}, epoch {epoch}, step {step}"
+            where = f"fold {fold}, epoch {epoch + 1}, step {step + 1}"  # counted from 1
             for index in self.mine:
                 features, task_loss, penalty = learner.local_block_step(
                     index, features, targets, where, global_step

@@ -40,6 +40,7 @@ from enn_neuro.training.distributed import (
     DistributedContext,
     EpochSampler,
     ShardSampler,
+    check_global_batch,
     init_distributed,
 )
 from enn_neuro.training.learner import Learner
@@ -127,12 +128,14 @@ class StudyPlan:
         tags: MLflow tags of every run (mode, layer, model, data hash, ...).
         tables: File name → table written to the study folder and logged (e.g. the splits).
         fold_data: Builds a fold's loaders, given the fold and the learner's context.
+        classes: Class names (empty for regression), for the checks before the first fold.
     """
 
     folds: list[int]
     tags: dict[str, str]
     tables: dict[str, pd.DataFrame]
     fold_data: Callable[[int, DistributedContext], FoldData]
+    classes: list[str] = field(default_factory=list)
 
 
 def prepare_cohort(config: Config) -> tuple[Cohort, ValidationReport]:
@@ -215,6 +218,7 @@ def cohort_plan(config: Config) -> StudyPlan:
         tags=study_tags(config, list(report.content_hashes().values())),
         tables={"splits.tsv": splits},
         fold_data=fold_data,
+        classes=list(cohort.classes),
     )
 
 
@@ -230,6 +234,7 @@ def run_plan(
     # the study folder: every rank checks, rank 0 writes after the barrier
     main = context.is_main
     study_dir = config.study.output_dir / config.study.name
+    _check_plan(config, plan, context)
     state = _check_study(study_dir, config, resume)
     context.barrier()
     folds = plan.folds if folds is None else list(folds)
@@ -468,6 +473,25 @@ def make_loader(
         # draw differently
         persistent_workers=num_workers > 0 and role != "train",
     )
+
+
+def _check_plan(config: Config | ImageConfig, plan: StudyPlan, context: DistributedContext) -> None:
+    """Checks what would otherwise fail inside the first fold.
+
+    By then the study folder and its MLflow runs exist, and a corrected retry would be
+    refused as an existing study.
+
+    Raises:
+        ValueError: For a batch that does not divide among the ranks, or top-5 selection
+            with five classes or fewer.
+    """
+    if not config.training.stage_parallel:  # stage-parallel ranks split the model, not data
+        check_global_batch(config.training.batch_size, context)
+    if default_metric(config) == "top5_accuracy" and len(plan.classes) <= 5:
+        raise ValueError(
+            f"training.selection_metric 'top5_accuracy' needs more than 5 classes, got "
+            f"{len(plan.classes)}"
+        )
 
 
 def _check_study(study_dir: Path, config: Config | ImageConfig, resume: bool) -> dict[str, Any]:

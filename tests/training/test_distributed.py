@@ -25,7 +25,12 @@ import torch.multiprocessing as mp
 from mlflow import MlflowClient
 from torch.utils.data import BatchSampler
 
-from enn_neuro.training.distributed import DistributedContext, EpochSampler, ShardSampler
+from enn_neuro.training.distributed import (
+    DistributedContext,
+    EpochSampler,
+    ShardSampler,
+    check_global_batch,
+)
 from enn_neuro.training.loop import Predictions, _merge_shards
 from tests.training.conftest import tiny_config
 
@@ -150,6 +155,11 @@ class TestEpochSampler:
         for k, batch in enumerate(expected):
             union = [index for batches in per_rank for index in batches[k]]
             assert sorted(union) == sorted(batch), k
+
+    def test_a_global_batch_that_does_not_divide_among_the_ranks_is_refused(self):
+        with pytest.raises(ValueError, match=r"batch_size \(4\) must be a multiple of .* \(3\)"):
+            check_global_batch(4, DistributedContext(rank=0, world_size=3))
+        check_global_batch(6, DistributedContext(rank=0, world_size=3))
 
     def test_an_uneven_last_batch_warns_about_its_weights(self, caplog):
         with caplog.at_level(logging.WARNING):

@@ -142,6 +142,19 @@ def test_existing_study_needs_resume_and_resume_needs_a_study(tmp_path, demo_coh
         run_study(changed, resume=True)
 
 
+def test_a_metric_the_classes_cannot_support_fails_before_the_study_exists(
+    tmp_path, demo_cohort, cache_dir
+):
+    path = tiny_config(
+        tmp_path, demo_cohort, cache_dir, training={"selection_metric": "top5_accuracy"}
+    )
+    config = load_config(path)
+    with pytest.raises(ValueError, match="'top5_accuracy' needs more than 5 classes, got 2"):
+        run_study(config)
+    assert not (config.study.output_dir / config.study.name).exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(
     tmp_path, demo_cohort, cache_dir, monkeypatch
 ):

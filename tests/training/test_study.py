@@ -48,6 +48,14 @@ def _artifacts(client, run_id):
         ),
         ("bp-plain", {"model": {"layer": "plain"}}),
         ("age", {"data": {"target": "age", "task": "regression", "classes": None}}),
+        (
+            "local-age",
+            {
+                "data": {"target": "age", "task": "regression", "classes": None},
+                "training": {"mode": "local", "local": {"cut": "unit"}},
+            },
+        ),
+        ("site", {"data": {"target": "site", "classes": None}}),  # three classes
     ],
 )
 def test_study_logs_parent_and_fold_runs_with_params_metrics_artifacts(
@@ -102,7 +110,7 @@ def test_study_logs_parent_and_fold_runs_with_params_metrics_artifacts(
 
     mlflow.set_tracking_uri(config.tracking.tracking_uri)
     fused = mlflow.pytorch.load_model(f"runs:/{children[0].info.run_id}/model")
-    outputs = 1 if regression else 2
+    outputs = 1 if regression else (3 if config.data.target == "site" else 2)
     assert fused(torch.zeros(3, 1, 24, 24, 24)).shape == (3, outputs)
     assert not any(hasattr(m, "lam") for m in fused.modules())
 
@@ -125,8 +133,9 @@ def test_study_logs_parent_and_fold_runs_with_params_metrics_artifacts(
         tested = set(splits[(splits.fold == fold) & (splits.role == "test")].subject_id)
         assert set(predictions.subject_id) == tested
         if not regression:
-            probabilities = predictions[["prob_control", "prob_patient"]].sum(axis=1)
-            assert np.allclose(probabilities, 1.0, atol=1e-5)
+            columns = [c for c in predictions.columns if c.startswith("prob_")]
+            assert len(columns) == (3 if config.data.target == "site" else 2)
+            assert np.allclose(predictions[columns].sum(axis=1), 1.0, atol=1e-5)
         assert torch.load(study_dir / f"fold-{fold}" / "best.pt", weights_only=True)["format"] == 1
 
 

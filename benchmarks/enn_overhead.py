@@ -6,9 +6,12 @@ round-robin in one process (the order rotating each repetition) so that machine 
 them alike, and each ratio is the median of the per-repetition ratios to the plain step.
 
 Variants: ``plain``; ``enn`` (the default: penalty every step, the figure under
-``train_step_ratio``); ``enn_no_penalty`` (the layers' own overhead). The cost of the lazy
-schedule (``scheduled_penalty(every=k)``) is derived, not timed: one step in k pays the
-penalty, so its amortised step is ``no_penalty + (enn − no_penalty) / k``.
+``train_step_ratio``); ``enn_no_penalty`` (the layers' own overhead); and controls, a copy
+of the plain model timed as one more variant (``train_step_null_ratio``,
+``inference_null_ratio``: how far two identical networks differ here, about 2% from where
+their tensors lie). The cost of the lazy schedule (``scheduled_penalty(every=k)``) is
+derived, not timed: one step in k pays the penalty, so its amortised step is
+``no_penalty + (enn − no_penalty) / k``.
 
 Usage:
     python benchmarks/enn_overhead.py --out benchmarks/results/enn_overhead.json
@@ -18,6 +21,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import platform
@@ -90,6 +94,8 @@ def measure(name, dims, channels, side, batch, classes, args) -> dict:
         "plain": _train_step(models["plain"], inputs, targets, penalty=False),
         "enn": _train_step(models["enn"], inputs, targets, penalty=True),
         "enn_no_penalty": _train_step(models["enn"], inputs, targets, penalty=False),
+        # a control: the same plain network, elsewhere in memory (its ratio is the noise floor)
+        "plain_copy": _train_step(copy.deepcopy(models["plain"]), inputs, targets, penalty=False),
     }
 
     # training step: round-robin, rotating order
@@ -106,9 +112,12 @@ def measure(name, dims, channels, side, batch, classes, args) -> dict:
 
     penalty_times = _repeat(penalty_step, args.repeats, args.warmup)
 
-    # fused inference: plain model vs the ENN model fused back into plain layers
+    # fused inference: the ENN model fused back into plain layers vs a copy of the plain
+    # model, both freshly allocated; the plain model itself runs as a control, since where a
+    # model's tensors were allocated moved its median by about 2% (a null ratio, reported)
     fused = to_plain(models["enn"]).eval()
-    plain = models["plain"].eval()
+    plain = copy.deepcopy(models["plain"]).eval()
+    original = models["plain"].eval()
 
     def infer(model):
         def run() -> None:
@@ -118,7 +127,9 @@ def measure(name, dims, channels, side, batch, classes, args) -> dict:
         return run
 
     inference = _interleaved(
-        {"plain": infer(plain), "fused_enn": infer(fused)}, args.repeats, args.warmup
+        {"plain": infer(plain), "fused_enn": infer(fused), "plain_original": infer(original)},
+        args.repeats,
+        args.warmup,
     )
     return {
         "model": name,
@@ -126,12 +137,14 @@ def measure(name, dims, channels, side, batch, classes, args) -> dict:
         "input_shape": list(inputs.shape),
         "train_step_ratio": train["median_ratio"]["enn"],
         "train_step_ratio_no_penalty": train["median_ratio"]["enn_no_penalty"],
+        "train_step_null_ratio": train["median_ratio"]["plain_copy"],
         "train_step_ratio_lazy_penalty_derived": lazy,
         "train_step_s": train["median_s"],
         "train_step_ratios": train["ratios"],
         "penalty_s": statistics.median(penalty_times),
         "penalty_share_of_enn_step": statistics.median(penalty_times) / enn_s,
         "fused_inference_ratio": inference["median_ratio"]["fused_enn"],
+        "inference_null_ratio": inference["median_ratio"]["plain_original"],
         "inference_s": inference["median_s"],
         "parameters": {layer: _count(model) for layer, model in models.items()},
         "repeats": args.repeats,

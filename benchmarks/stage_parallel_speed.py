@@ -197,6 +197,8 @@ def _worker(rank: int, world: int, args: argparse.Namespace, rendezvous) -> dict
         )
     if world > 1 and context.is_main:
         (Path(rendezvous[1]) / "rank0.json").write_text(json.dumps(result))
+    if world > 1:
+        torch.distributed.destroy_process_group()  # an open gloo group can abort the exit
     return result
 
 

@@ -26,6 +26,7 @@ Note [global batch]:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -40,6 +41,7 @@ __all__ = [
     "DistributedContext",
     "EpochSampler",
     "ShardSampler",
+    "distributed_session",
     "init_distributed",
 ]
 
@@ -127,6 +129,26 @@ def init_distributed(
         )
     logger.info("rank %d of %d on %s (%s)", rank, world_size, device, dist.get_backend())
     return DistributedContext(rank, world_size, local_rank), device
+
+
+@contextlib.contextmanager
+def distributed_session(
+    device_name: str, timeout_s: float = 600.0
+) -> Iterator[tuple[DistributedContext, torch.device]]:
+    """:func:`init_distributed` for the span of a ``with`` block, leaving the group after it.
+
+    A process that exits with its gloo group still open can abort while the interpreter
+    shuts down ("terminate called without an active exception": a stage-parallel benchmark
+    worker ended so once, after its work), which torchrun reports as a failed job. A group
+    that was already open before the block is left open for whoever opened it.
+    """
+    opened_here = not (dist.is_available() and dist.is_initialized())
+    context, device = init_distributed(device_name, timeout_s)
+    try:
+        yield context, device
+    finally:
+        if context.enabled and opened_here and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def check_global_batch(global_batch: int, context: DistributedContext) -> None:

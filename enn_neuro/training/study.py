@@ -41,7 +41,7 @@ from enn_neuro.training.distributed import (
     EpochSampler,
     ShardSampler,
     check_global_batch,
-    init_distributed,
+    distributed_session,
 )
 from enn_neuro.training.learner import Learner
 from enn_neuro.training.loop import (
@@ -168,15 +168,16 @@ def run_study(
         StudyError: The directory holds another study, or there is nothing to resume.
         NonFiniteLossError: A loss diverged; the runs are marked failed.
     """
-    context, device = init_distributed(config.training.device, config.training.dist_timeout_s)
-    check_stage_parallel(config, context)
-    if config.spatial_dims == 2:
-        from enn_neuro.training.images import image_plan
+    training = config.training
+    with distributed_session(training.device, training.dist_timeout_s) as (context, device):
+        check_stage_parallel(config, context)
+        if config.spatial_dims == 2:
+            from enn_neuro.training.images import image_plan
 
-        plan = image_plan(config, context)
-    else:
-        plan = cohort_plan(config)
-    return run_plan(config, plan, context, device, resume, folds)
+            plan = image_plan(config, context)
+        else:
+            plan = cohort_plan(config)
+        return run_plan(config, plan, context, device, resume, folds)
 
 
 def cohort_plan(config: Config) -> StudyPlan:

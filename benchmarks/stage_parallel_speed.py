@@ -50,7 +50,12 @@ def main() -> None:
     parser.add_argument("--base-width", type=int, default=32)
     parser.add_argument("--cut", default="unit", choices=["stage", "unit"])
     parser.add_argument("--stages", type=int, default=2, help="K: processes of the pipeline")
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per run")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=24,
+        help="timed steps per run (an epoch: fill and drain of the pipeline weigh 1/steps)",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)

@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -193,11 +192,16 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def ui_command(tracking_uri: str | None, port: int) -> list[str]:
-    """The ``mlflow ui`` command line, bound to the loopback interface only."""
+    """The ``mlflow ui`` command line, bound to the loopback interface only.
+
+    MLflow runs as a module of this interpreter: ``.venv/bin/enn-neuro`` started without
+    the virtual environment on ``PATH`` would find no ``mlflow`` executable.
+    """
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    executable = shutil.which("mlflow") or "mlflow"
     return [
-        executable,
+        sys.executable,
+        "-m",
+        "mlflow",
         "ui",
         "--backend-store-uri",
         uri,

@@ -77,7 +77,8 @@ def test_validate_reports_every_problem_and_sets_the_exit_code(tmp_path):
 
 def test_ui_binds_to_loopback_only():
     command = ui_command("sqlite:///study/mlflow.db", 5001)
-    assert command[1:] == [
+    assert command[:3] == [sys.executable, "-m", "mlflow"]  # no PATH lookup
+    assert command[3:] == [
         "ui",
         "--backend-store-uri",
         "sqlite:///study/mlflow.db",

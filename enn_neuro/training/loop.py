@@ -360,7 +360,7 @@ def train_one_epoch(
     if learner.num_blocks > 1:
         for index, value in enumerate(block_totals):
             stats[f"train/block{index}_loss"] = value / rank_steps
-    if skipped is not None:
+    if any(share["skipped"] is not None for share in shares):  # any rank's data counts them
         stats["train/skipped_images"] = sum(share["skipped"] or 0 for share in shares)
         if stats["train/skipped_images"] and learner.context.is_main:
             logger.warning(

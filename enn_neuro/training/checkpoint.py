@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from enn_neuro.files import temporary_sibling
+
 __all__ = ["capture_rng_state", "load_checkpoint", "restore_rng_state", "save_checkpoint"]
 
 
@@ -31,7 +33,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary = temporary_sibling(path)
     try:
         with open(temporary, "wb") as stream:
             torch.save(state, stream)
@@ -86,13 +88,13 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Restores what :func:`capture_rng_state` captured."""
-    torch.set_rng_state(state["torch"])
+    """Restores what :func:`capture_rng_state` captured, wherever its tensors were loaded."""
+    torch.set_rng_state(state["torch"].cpu())
     numpy_state = state["numpy"]
     np.random.set_state(
         (
             "MT19937",
-            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["keys"].cpu().numpy().astype(np.uint32),
             numpy_state["position"],
             numpy_state["has_gauss"],
             numpy_state["cached_gaussian"],
@@ -100,7 +102,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     )
     random.setstate(_python_state_from_tensor(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _python_state_to_tensor(state: tuple) -> dict[str, Any]:

@@ -170,7 +170,9 @@ def fit(
         "history": [],
     }
     if resume and last_path.exists():
-        saved = load_checkpoint(last_path, map_location=learner.device)
+        # on the CPU: the RNG states must stay CPU tensors, and load_state_dict moves the
+        # weights and optimizer state to the parameters' device itself
+        saved = load_checkpoint(last_path)
         learner.load_training_state(saved["training"])
         restore_rng_state(saved["rng"])
         state = saved["loop"]

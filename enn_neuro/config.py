@@ -352,18 +352,11 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _check_cut(model_name: str, cut: list[int]) -> None:
-    """Checks explicit local-mode cut indices against the model's units, at load time.
+    """Checks explicit local-mode cut indices against the model's units, at load time."""
+    from enn_neuro.models import cut_points, structure_twin
 
-    The units depend on the depth alone, so a plain 1-D twin of width 1 (a second to build,
-    no SVDs) stands in for the configured network.
-    """
-    from enn_neuro.models import create_model, cut_points
-
-    twin = create_model(
-        model_name, spatial_dims=1, in_channels=1, num_classes=1, layer="plain", base_width=1
-    )
     try:
-        cut_points(twin, cut)
+        cut_points(structure_twin(model_name), cut)
     except ValueError as err:
         raise ValueError(f"training.local.cut for {model_name}: {err}") from None
 

@@ -2,7 +2,7 @@
 
 from enn_neuro.models.layers import LayerKind, LayerSpec, NormKind, init_weights_
 from enn_neuro.models.local import HeadKind, LocalBlock, LocalHead, Unit, cut_points, split_model
-from enn_neuro.models.registry import create_model, list_models, register_model
+from enn_neuro.models.registry import create_model, list_models, register_model, structure_twin
 from enn_neuro.models.resnet import BasicBlock, Bottleneck, ResNet
 
 __all__ = [
@@ -22,4 +22,5 @@ __all__ = [
     "list_models",
     "register_model",
     "split_model",
+    "structure_twin",
 ]

@@ -15,7 +15,7 @@ from torch import nn
 from enn_neuro.models.layers import LayerKind, LayerSpec, NormKind, init_weights_
 from enn_neuro.models.resnet import BasicBlock, Bottleneck, ResNet
 
-__all__ = ["create_model", "list_models", "register_model"]
+__all__ = ["create_model", "list_models", "register_model", "structure_twin"]
 
 ModelBuilder = Callable[..., nn.Module]
 _REGISTRY: dict[str, ModelBuilder] = {}
@@ -97,3 +97,14 @@ register_model("resnet34")(_resnet(BasicBlock, (3, 4, 6, 3)))
 register_model("resnet50")(_resnet(Bottleneck, (3, 4, 6, 3)))
 register_model("resnet101")(_resnet(Bottleneck, (3, 4, 23, 3)))
 register_model("resnet152")(_resnet(Bottleneck, (3, 8, 36, 3)))
+
+
+def structure_twin(name: str) -> nn.Module:
+    """A registered model at width 1, in 1-D, with plain layers: its units at almost no cost.
+
+    A network's units (and so its local-mode blocks) depend on its depth alone; this twin
+    lets the configuration and the launch checks count them before the real model exists.
+    """
+    return create_model(
+        name, spatial_dims=1, in_channels=1, num_classes=1, layer=LayerKind.PLAIN, base_width=1
+    )

@@ -14,9 +14,11 @@ import torch.distributed as dist
 
 from enn_neuro.config import validate_config
 from enn_neuro.training import pipeline as pipeline_module
+from enn_neuro.training.distributed import DistributedContext
 from enn_neuro.training.inference import load_trained_model
 from enn_neuro.training.learner import Learner
 from enn_neuro.training.pipeline import StagePipeline, _on_cpu, balanced_groups
+from enn_neuro.training.study import check_stage_parallel
 from tests.training.conftest import tiny_config
 from tests.training.test_distributed import (
     _environment,
@@ -71,6 +73,20 @@ class TestOnCpu:
         torch.testing.assert_close(
             loaded.state[receiver]["exp_avg"].cpu(), moved["state"][0]["exp_avg"]
         )
+
+
+@pytest.mark.parametrize(("cut", "blocks"), [("stage", 4), ([0, 4], 2)])
+def test_more_processes_than_blocks_is_refused_before_the_study_starts(cut, blocks):
+    config = _stage_config().model_copy(deep=True)
+    config.training.stage_parallel = True
+    config.training.local.cut = cut
+    check_stage_parallel(config, DistributedContext(rank=0, world_size=blocks))  # fits
+    with pytest.raises(
+        ValueError,
+        match=rf"with {blocks + 1} processes needs at least as many local blocks, but "
+        rf"training.local.cut .* gives {blocks}",
+    ):
+        check_stage_parallel(config, DistributedContext(rank=0, world_size=blocks + 1))
 
 
 def _stage_config():

@@ -31,6 +31,7 @@ __all__ = ["NullTracker", "StudyTracker"]
 logger = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
+RUN_KEY_TAG = "enn_neuro.run_key"
 
 
 class StudyTracker:
@@ -62,8 +63,24 @@ class StudyTracker:
         run_id: str | None = None,
         parent_id: str | None = None,
         tags: Mapping[str, str] | None = None,
+        key: str | None = None,
     ) -> str:
-        """Starts a run, or reopens ``run_id`` when resuming; returns the run id."""
+        """Starts a run, or reopens one when resuming; returns the run id.
+
+        Args:
+            name: The run's name in the UI.
+            run_id: A run to reopen (resuming).
+            parent_id: The parent run of a child (fold) run.
+            tags: Tags of a new run.
+            key: A study-unique key stored as the tag ``enn_neuro.run_key``: a run of this
+                experiment that already carries it is reopened instead of creating a twin,
+                which covers a kill between creating a run and saving its id.
+        """
+        if run_id is None and key is not None:
+            found = self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'"
+            )
+            run_id = found[0].info.run_id if found else None
         if run_id is not None:
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             logger.info("resuming MLflow run %s (%s)", run_id, name)
@@ -71,6 +88,8 @@ class StudyTracker:
         all_tags = dict(tags or {})
         if parent_id is not None:
             all_tags["mlflow.parentRunId"] = parent_id
+        if key is not None:
+            all_tags[RUN_KEY_TAG] = key
         run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
         logger.info(
             "MLflow run %s (%s) in experiment %s", run.info.run_id, name, self.experiment_id

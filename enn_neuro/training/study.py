@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from enn_neuro.data.dataset import make_dataset
 from enn_neuro.data.splits import check_leakage, make_splits, read_split_table, write_split_table
 from enn_neuro.data.validation import ValidationReport, validate_cohort
 from enn_neuro.enn import to_plain
-from enn_neuro.files import write_text_atomic
+from enn_neuro.files import remove_stale_temporaries, write_text_atomic
 from enn_neuro.tracking import NullTracker, StudyTracker
 from enn_neuro.training.distributed import (
     DistributedContext,
@@ -78,6 +79,12 @@ logger = logging.getLogger(__name__)
 #     same seeds; a kill after it loses nothing. The only window left, a kill between the two,
 #     would log the epoch twice: on resume the epochs the run already holds are not logged
 #     again, so every fold's history has each epoch exactly once.
+
+# Note [run keys]:
+#     A run's id reaches study.json only after MLflow created the run, so a kill between the
+#     two would leave a run that a resume never reopens, beside a twin it creates. Every run
+#     therefore carries a key, the study's uid (saved in study.json before any run exists)
+#     and its role; a resume that finds no saved id looks the key up before creating a run.
 
 MAX_CLASSES_PLOTTED = 20  # confusion matrices and ROC curves beyond this are unreadable
 
@@ -237,6 +244,7 @@ def run_plan(
     study_dir = config.study.output_dir / config.study.name
     _check_plan(config, plan, context)
     state = _check_study(study_dir, config, resume)
+    _check_same_data(study_dir, state, plan)
     context.barrier()
     folds = plan.folds if folds is None else list(folds)
     unknown = sorted(set(folds) - set(plan.folds))
@@ -247,6 +255,8 @@ def run_plan(
         save_config(config, study_dir / "config.yaml")
         for name, table in plan.tables.items():
             write_split_table(table, study_dir / name)
+    # the state first: every run below is tagged with its key (Note [run keys])
+    _write_state(study_dir, state, main)
 
     # the parent run (rank 0 only)
     tracker = (
@@ -254,7 +264,9 @@ def run_plan(
         if main
         else NullTracker()
     )
-    parent_id = tracker.start_run(config.study.name, state.get("parent_run_id"), tags=plan.tags)
+    parent_id = tracker.start_run(
+        config.study.name, state.get("parent_run_id"), tags=plan.tags, key=f"{state['uid']}/study"
+    )
     state["parent_run_id"] = parent_id
     _write_state(study_dir, state, main)
     tracker.log_params(parent_id, flatten(config.resolved()))
@@ -273,7 +285,11 @@ def run_plan(
                 logger.info("fold %d: already finished, kept", fold)
                 continue
             run_id = tracker.start_run(
-                f"{config.study.name}-fold{fold}", fold_state.get("run_id"), parent_id, plan.tags
+                f"{config.study.name}-fold{fold}",
+                fold_state.get("run_id"),
+                parent_id,
+                plan.tags,
+                key=f"{state['uid']}/fold-{fold}",
             )
             fold_state.update(run_id=run_id, status="running")
             _write_state(study_dir, state, main)
@@ -335,6 +351,7 @@ def _run_fold(
     fold_dir = study_dir / f"fold-{fold}"
     if main:
         fold_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(fold_dir)  # only rank 0 writes here, and not yet
     tracker.log_params(run_id, {**flatten(config.resolved()), "fold": fold})
     tracker.log_artifact(run_id, study_dir / "config.yaml")
 
@@ -513,7 +530,42 @@ def _check_study(study_dir: Path, config: Config | ImageConfig, resume: bool) ->
             f"study directory {study_dir} already holds a study: pass --resume to continue it, "
             "or choose another study.name or study.output_dir"
         )
-    return {"config_fingerprint": config.fingerprint(), "folds": {}}
+    return {"config_fingerprint": config.fingerprint(), "uid": uuid.uuid4().hex, "folds": {}}
+
+
+def _check_same_data(study_dir: Path, state: dict[str, Any], plan: StudyPlan) -> None:
+    """Records the data a study starts with; refuses to resume it on other data.
+
+    The same config can point at a cohort whose files or subjects changed since the study
+    started, and the splits are recomputed from it: resumed folds would then train and test on
+    another partition than the finished ones, and the summary would mix the two.
+
+    Raises:
+        StudyError: If the cohort's content hash or a split table differs from the saved one.
+    """
+    data = {
+        "cohort_hash": plan.tags.get("cohort_hash", ""),
+        "tables": {name: _table_hash(table) for name, table in plan.tables.items()},
+    }
+    saved = state.setdefault("data", data)
+    if saved["cohort_hash"] != data["cohort_hash"]:
+        raise StudyError(
+            f"the cohort's content differs from the one {study_dir} was started with (hash "
+            f"{data['cohort_hash']}, was {saved['cohort_hash']}): images were added, removed or "
+            "changed; resume on the original data, or start a new study"
+        )
+    for name, digest in data["tables"].items():
+        if saved["tables"].get(name) != digest:
+            raise StudyError(
+                f"{name} differs from the one {study_dir} was started with (see "
+                f"{study_dir / name}): resume on the original data and split table, or start a "
+                "new study"
+            )
+    state.setdefault("uid", uuid.uuid4().hex)  # studies begun before run keys existed
+
+
+def _table_hash(table: pd.DataFrame) -> str:
+    return hashlib.sha256(table.to_csv(sep="\t", index=False).encode()).hexdigest()
 
 
 def _write_state(study_dir: Path, state: dict[str, Any], main: bool) -> None:
@@ -537,11 +589,27 @@ def study_tags(config: Config | ImageConfig, content_hashes: Sequence[str]) -> d
 
 
 def check_stage_parallel(config: Config | ImageConfig, context: DistributedContext) -> None:
-    """Refuses stage-parallel training without one process per stage, before any work."""
-    if config.training.stage_parallel and not context.enabled:
+    """Refuses stage-parallel training without one process per stage, before any work.
+
+    Raises:
+        ValueError: Without torchrun, or with more processes than the cut has blocks.
+    """
+    training = config.training
+    if not training.stage_parallel:
+        return
+    if not context.enabled:
         raise ValueError(
             "training.stage_parallel needs one process per stage: launch with "
             "torchrun --nproc-per-node K -m enn_neuro ..."
+        )
+    from enn_neuro.models import cut_points, structure_twin
+
+    blocks = len(cut_points(structure_twin(config.model.name), training.local.cut))
+    if blocks < context.world_size:
+        raise ValueError(
+            f"training.stage_parallel with {context.world_size} processes needs at least as "
+            f"many local blocks, but training.local.cut {training.local.cut!r} gives {blocks}: "
+            "use fewer processes or a finer cut ('unit')"
         )
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -149,6 +151,25 @@ def test_existing_study_needs_resume_and_resume_needs_a_study(tmp_path, demo_coh
     changed = load_config(tiny_config(tmp_path, demo_cohort, cache_dir, training={"epochs": 2}))
     with pytest.raises(StudyError, match="configuration differs"):
         run_study(changed, resume=True)
+
+
+def test_resume_on_changed_data_is_refused(tmp_path, demo_cohort, cache_dir):
+    cohort = tmp_path / "cohort"
+    shutil.copytree(demo_cohort, cohort)
+    config = load_config(tiny_config(tmp_path, cohort, cache_dir, training={"epochs": 1}))
+    run_study(config)
+    study_dir = config.study.output_dir / config.study.name
+    splits_before = (study_dir / "splits.tsv").read_text()
+    run_study(config, resume=True)  # the same data: the finished study is kept
+
+    # one image re-saved with other voxel values, under the same name
+    image_path = sorted(cohort.glob("sub-*/**/*_T1w.nii*"))[0]
+    image = nib.load(image_path)
+    changed = np.asanyarray(image.dataobj).astype(np.float32) * 1.5
+    nib.save(nib.Nifti1Image(changed, image.affine), image_path)
+    with pytest.raises(StudyError, match="the cohort's content differs from the one .* started"):
+        run_study(config, resume=True)
+    assert (study_dir / "splits.tsv").read_text() == splits_before  # nothing overwritten
 
 
 def test_a_metric_the_classes_cannot_support_fails_before_the_study_exists(

@@ -349,6 +349,7 @@ def read_bids(
     images = _t1w_images(root)
     problems.extend(_stored_twice(root, images))
     records, subjects_with_images = [], set()
+    age_of: dict[str, float | None] = {}  # parsed once per subject: reported once, not per image
     for image in images:
         subject_id = image.relative_to(root).parts[0]
         session = image.parent.parent.name if image.parent.parent.name.startswith("ses-") else None
@@ -359,6 +360,9 @@ def read_bids(
             continue
         subjects_with_images.add(subject_id)
         index, row = rows[subject_id]
+        line = f"participants.tsv:{index + 2}"
+        if subject_id not in age_of:
+            age_of[subject_id] = _age(row, line, subject_id, problems, target)
         records.append(
             ImageRecord(
                 subject_id=subject_id,
@@ -367,8 +371,8 @@ def read_bids(
                 session_id=session,
                 site=_optional(row, "site"),
                 sex=_optional(row, "sex"),
-                age=_age(row, f"participants.tsv:{index + 2}", subject_id, problems, target),
-                source=f"participants.tsv:{index + 2}",
+                age=age_of[subject_id],
+                source=line,
             )
         )
     for subject_id in rows.keys() - subjects_with_images:

@@ -114,6 +114,18 @@ class TestBids:
             "sub-01_T1w.nii, sub-01_T1w.nii.gz; keep one"
         ]
 
+    def test_bad_age_of_a_subject_with_several_sessions_is_reported_once(self, tmp_path):
+        for seed, session in enumerate(("ses-01", "ses-02", "ses-03")):
+            anat = tmp_path / "sub-01" / session / "anat"
+            write_volume(anat / f"sub-01_{session}_T1w.nii.gz", seed=seed)
+        rows = [{"participant_id": "sub-01", "dx": "a", "age": "sixty"}]
+        write_table(tmp_path / "participants.tsv", rows, "\t")
+        cohort = read_bids(tmp_path, target="dx")
+        assert len(cohort.records) == 3 and all(r.age is None for r in cohort.records)
+        assert [str(p) for p in cohort.read_problems] == [
+            "sub-01: participants.tsv:2: 'age' must be a number, got 'sixty'"
+        ]
+
     def test_missing_participants_tsv(self, tmp_path):
         with pytest.raises(FileNotFoundError, match="has no participants.tsv"):
             read_bids(tmp_path, target="diagnosis")

@@ -5,15 +5,18 @@ The checks, each reported with the subject and file named:
 
 - the file: missing, unreadable, truncated or corrupt gzip (CRC and length verified), not NIfTI;
 - the volume: not 3D (4D only with a single volume), an axis under ``MIN_AXIS_VOXELS`` (a
-  slice or slab), non-finite or all-constant voxels, non-positive or absurd voxel sizes, a
-  singular affine;
+  slice or slab), voxels that are not real numbers (RGB, complex), non-finite or all-constant
+  voxels, non-positive or absurd voxel sizes, a singular affine;
 - the table: no images at all, fewer than two classes for a classification, missing or
   unknown labels, non-numeric regression targets, duplicate rows (the same subject and
   session in two rows), a subject with two different class labels, the same image content
   under two subject ids, too few subjects of a class for the requested folds.
 
 Regression targets may differ between a subject's images (age at each scan); class labels may
-not.
+not. A problem that concerns several subjects or files (a duplicate row, a copied image) is
+reported once for each of them, naming the others, so that filtering the problems by subject
+or file finds it. An unexpected error while checking one image becomes a problem of that file:
+one file never stops the report.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ logger = logging.getLogger(__name__)
 MIN_VOXEL_MM = 0.05
 MAX_VOXEL_MM = 20.0
 MIN_AXIS_VOXELS = 8  # fewer along any axis: a slice or a slab, not a volume
+VOXEL_DTYPE_KINDS = "biuf"  # numpy kinds of real voxel values: bool, signed, unsigned, float
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,21 @@ def validate_cohort(
 
 
 def _check_image(path: Path) -> tuple[ImageSummary | None, list[Problem]]:
-    """Reads one image; returns its summary (if readable) and its problems."""
+    """Reads one image; returns its summary (if readable) and its problems.
+
+    Never raises: an error the checks did not foresee becomes a problem of this file, since an
+    exception inside the worker pool would abort the report of the whole cohort.
+    """
+    try:
+        return _read_and_check_image(path)
+    except Exception as err:
+        logger.debug("unexpected error while checking %s", path, exc_info=True)
+        message = f"unexpected error while checking the image: {type(err).__name__}: {err}"
+        return None, [Problem(message, path=path, field="image")]
+
+
+def _read_and_check_image(path: Path) -> tuple[ImageSummary | None, list[Problem]]:
+    """The checks of :func:`_check_image`, which may raise on inputs nobody foresaw."""
     if not path.exists():
         return None, [Problem("file not found", path=path, field="image")]
     if not path.is_file():
@@ -223,6 +241,17 @@ def _check_image(path: Path) -> tuple[ImageSummary | None, list[Problem]]:
         orientation = ("?", "?", "?")
     else:
         orientation = nib.aff2axcodes(image.affine)
+
+    # the voxel type: an RGB (structured) or complex volume has no intensity to learn from,
+    # and np.isfinite raises on a structured array
+    dtype = image.get_data_dtype()
+    if dtype.kind not in VOXEL_DTYPE_KINDS:
+        label = image.header.get_value_label("datatype")
+        message = (
+            f"voxel data type must be integer or floating point, got {label} ({dtype}); "
+            "convert the image to a single real-valued channel"
+        )
+        return None, [*problems, Problem(message, path=path, field="dtype")]
 
     # the voxels
     try:
@@ -358,33 +387,28 @@ def _check_duplicates(cohort: Cohort, images: dict[Path, ImageSummary]) -> list[
         row = record.source or record.image  # a cohort built in code may name no rows
         rows[(record.subject_id, record.session_id)].setdefault(row, record)
     for (subject_id, session_id), by_source in rows.items():
-        if len(by_source) > 1:
-            session = f" session {session_id!r}" if session_id else ""
-            sources = ", ".join(f"{r.source} ({r.image})" for r in by_source.values())
-            problems.append(
-                Problem(
-                    f"duplicate subject id{session}: {len(by_source)} rows ({sources})",
-                    subject_id,
-                    None,
-                    "subject_id",
-                )
-            )
+        if len(by_source) < 2:
+            continue
+        session = f" session {session_id!r}" if session_id else ""
+        for source, record in by_source.items():
+            others = ", ".join(_row_name(r) for row, r in by_source.items() if row != source)
+            this = record.source or "this row"
+            message = f"duplicate subject id{session}: {len(by_source)} rows, {this} and {others}"
+            problems.append(Problem(message, subject_id, record.image, "subject_id"))
 
-    # the same image content under two subject ids
+    # the same image content under two subject ids: one problem per subject, naming the others
     subjects_of_content = defaultdict(dict)
     for record in cohort.records:
         summary = images.get(record.image)
         if summary is not None:
             subjects_of_content[summary.content_hash].setdefault(record.subject_id, record.image)
     for owners in subjects_of_content.values():
-        if len(owners) > 1:
-            listed = ", ".join(f"{s} ({p})" for s, p in owners.items())
-            problems.append(
-                Problem(
-                    f"the same image content under {len(owners)} subject ids: {listed}",
-                    field="image",
-                )
-            )
+        if len(owners) < 2:
+            continue
+        for subject_id, image in owners.items():
+            others = ", ".join(f"{s} ({p})" for s, p in owners.items() if s != subject_id)
+            message = f"the same image content under {len(owners)} subject ids: also {others}"
+            problems.append(Problem(message, subject_id, image, "image"))
     return problems
 
 
@@ -405,3 +429,8 @@ def _check_fold_counts(cohort: Cohort, n_folds: int) -> list[Problem]:
         for label in cohort.classes
         if counts.get(label, 0) < n_folds
     ]
+
+
+def _row_name(record: ImageRecord) -> str:
+    """A row of the cohort for a message: its line and its image."""
+    return f"{record.source} ({record.image})" if record.source else str(record.image)

@@ -2,35 +2,59 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from enn_neuro.data import validation
 from enn_neuro.data.cohort import CohortError, load_cohort
 from enn_neuro.data.validation import validate_cohort
 from tests.data.conftest import patch_header, write_table, write_volume
 
-# subject → what is wrong with it → the words the report must use
+# subject → its file(s) → the words the report must use, in a problem naming both
 BROKEN = {
-    "missing": "file not found",
-    "garbage": "not a readable NIfTI file",
-    "truncated": "corrupt gzip: Compressed file ended before the end-of-stream marker",
-    "corrupt": "corrupt gzip: ",
-    "mgh": "not a NIfTI file name",
-    "flat2d": "must be a 3D volume (or 4D with one volume), got shape (8, 8)",
-    "fourd": "got shape (8, 8, 8, 3) with 3 volumes",
-    "nan": "2 non-finite voxel(s)",
-    "constant": "all voxels are constant (7)",
-    "zero_voxel": "voxel size (2.0, 2.0, 0.0) mm outside [0.05, 20.0] mm (from the header)",
-    "huge_voxel": "voxel size (2.0, 2.0, 50.0) mm outside",
-    "singular": "singular or non-finite affine",
-    "nolabel": "missing 'diagnosis'",
-    "badlabel": "unknown label 'pateint'",
-    "twice": "duplicate subject id: 2 rows (cohort.csv:",
-    "copy": "the same image content under 2 subject ids",
+    "missing": (["missing.nii.gz"], "file not found"),
+    "unreadable": (["unreadable.nii"], "cannot read the file: [Errno 5]"),
+    "folder": (["folder.nii.gz"], "not a file"),
+    "garbage": (["garbage.nii"], "not a readable NIfTI file"),
+    "truncated": (
+        ["truncated.nii.gz"],
+        "corrupt gzip: Compressed file ended before the end-of-stream marker",
+    ),
+    "corrupt": (["corrupt.nii.gz"], "corrupt gzip: "),
+    "mgh": (["scan.mgz"], "not a NIfTI file name"),
+    "flat2d": (["flat2d.nii.gz"], "must be a 3D volume (or 4D with one volume), got shape (8, 8)"),
+    "fourd": (["fourd.nii.gz"], "got shape (8, 8, 8, 3) with 3 volumes"),
+    "rgb": (
+        ["rgb.nii.gz"],
+        "voxel data type must be integer or floating point, got RGB "
+        "([('R', 'u1'), ('G', 'u1'), ('B', 'u1')])",
+    ),
+    "complex": (
+        ["complex.nii.gz"],
+        "voxel data type must be integer or floating point, got complex64 (complex64)",
+    ),
+    "nan": (["nan.nii.gz"], "2 non-finite voxel(s)"),
+    "constant": (["constant.nii.gz"], "all voxels are constant (7)"),
+    "zero_voxel": (
+        ["zero_voxel.nii.gz"],
+        "voxel size (2.0, 2.0, 0.0) mm outside [0.05, 20.0] mm (from the header)",
+    ),
+    "negative_voxel": (["negative_voxel.nii.gz"], "voxel size (2.0, -2.0, 2.0) mm outside"),
+    "huge_voxel": (["huge_voxel.nii.gz"], "voxel size (2.0, 2.0, 50.0) mm outside"),
+    "singular": (["singular.nii.gz"], "singular or non-finite affine"),
+    "nolabel": (["nolabel.nii.gz"], "missing 'diagnosis'"),
+    "badlabel": (["badlabel.nii.gz"], "unknown label 'pateint'"),
+    "twice": (["twice_a.nii.gz", "twice_b.nii.gz"], "duplicate subject id: 2 rows, cohort.csv:"),
+    "copy": (["copy.nii.gz"], "the same image content under 2 subject ids: also good3"),
 }
+
+# /proc/self/mem is a regular file whose first bytes cannot be read, even by root (for whom
+# a permission of 000 changes nothing)
+UNREADABLE = Path("/proc/self/mem")
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +71,10 @@ def broken_report(tmp_path_factory):
         add(f"good{index}", f"good{index}.nii.gz", ["control", "patient"][index % 2])
 
     add("missing", "missing.nii.gz")
+    (root / "unreadable.nii").symlink_to(UNREADABLE)
+    add("unreadable", "unreadable.nii")
+    (root / "folder.nii.gz").mkdir()
+    add("folder", "folder.nii.gz")
     (root / "garbage.nii").write_bytes(b"this is not an image" * 30)
     add("garbage", "garbage.nii")
     payload = gzip.compress(write_volume(root / "tmp.nii", seed=50).read_bytes())
@@ -62,6 +90,13 @@ def broken_report(tmp_path_factory):
     add("flat2d", "flat2d.nii.gz")
     write_volume(root / "fourd.nii.gz", data=np.random.rand(8, 8, 8, 3).astype(np.float32))
     add("fourd", "fourd.nii.gz")
+    rgb = np.zeros((8, 8, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["G"] = np.random.default_rng(0).integers(0, 255, (8, 8, 8))
+    write_volume(root / "rgb.nii.gz", data=rgb)
+    add("rgb", "rgb.nii.gz")
+    complex_data = np.random.rand(8, 8, 8) + 1j * np.random.rand(8, 8, 8)
+    write_volume(root / "complex.nii.gz", data=complex_data.astype(np.complex64))
+    add("complex", "complex.nii.gz")
     nan_data = np.random.rand(8, 8, 8).astype(np.float32)
     nan_data[0, 0, :2] = np.nan
     write_volume(root / "nan.nii.gz", data=nan_data)
@@ -71,6 +106,9 @@ def broken_report(tmp_path_factory):
     write_volume(root / "zero_voxel.nii.gz", seed=51)
     patch_header(root / "zero_voxel.nii.gz", pixdim=[1, 2, 2, 0, 1, 1, 1, 1])
     add("zero_voxel", "zero_voxel.nii.gz")
+    write_volume(root / "negative_voxel.nii.gz", seed=58)
+    patch_header(root / "negative_voxel.nii.gz", pixdim=[1, 2, -2, 2, 1, 1, 1, 1])
+    add("negative_voxel", "negative_voxel.nii.gz")
     write_volume(root / "huge_voxel.nii.gz", affine=np.diag([2.0, 2.0, 50.0, 1.0]), seed=52)
     add("huge_voxel", "huge_voxel.nii.gz")
     write_volume(root / "singular.nii.gz", seed=53)
@@ -88,38 +126,57 @@ def broken_report(tmp_path_factory):
     add("copy", "copy.nii.gz")
 
     table = write_table(root / "cohort.csv", rows)
-    fingerprints = {
-        p: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-        for p in root.iterdir()
-    }
+    fingerprints = _fingerprints(root)
     cohort = load_cohort(table, target="diagnosis", classes=["control", "patient"])
     report = validate_cohort(cohort, n_folds=5)
     return report, root, fingerprints
 
 
+def _fingerprints(root: Path) -> dict[Path, tuple[int, str]]:
+    """Modification time and hash of every plain file (not the folder or the link)."""
+    return {
+        p: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in root.iterdir()
+        if p.is_file() and not p.is_symlink()
+    }
+
+
 @pytest.mark.parametrize("subject", list(BROKEN))
-def test_each_problem_is_reported_with_subject_and_words(broken_report, subject):
-    report, _, _ = broken_report
-    messages = [str(p) for p in report.problems if p.subject_id == subject or subject in str(p)]
-    assert any(BROKEN[subject] in m for m in messages), (subject, messages)
-
-
-def test_file_problems_name_the_file(broken_report):
+def test_each_problem_names_its_subject_file_and_words(broken_report, subject):
     report, root, _ = broken_report
-    by_subject = {p.subject_id: p for p in report.problems if p.path is not None}
-    assert by_subject["truncated"].path == root / "truncated.nii.gz"
-    assert str(root / "missing.nii.gz") in str(by_subject["missing"])
+    if subject == "unreadable" and not UNREADABLE.exists():
+        pytest.skip(f"{UNREADABLE} does not exist on this system")
+    names, words = BROKEN[subject]
+    files = [root / name for name in names]
+    mine = [p for p in report.problems if p.subject_id == subject]
+    assert mine, subject
+    assert all(p.path in files for p in mine), [str(p) for p in mine]
+    for file in files:
+        assert any(p.path == file and words in p.message for p in mine), (file, mine)
 
 
-def test_copy_names_both_subjects(broken_report):
-    report, _, _ = broken_report
-    (problem,) = [p for p in report.problems if "same image content" in p.message]
-    assert "good3" in problem.message and "copy" in problem.message
+def test_copy_is_reported_for_both_subjects_naming_the_other(broken_report):
+    report, root, _ = broken_report
+    copies = [p for p in report.problems if "same image content" in p.message]
+    assert [(p.subject_id, p.path, p.message) for p in copies] == [
+        (
+            "good3",
+            root / "good3.nii.gz",
+            f"the same image content under 2 subject ids: also copy ({root / 'copy.nii.gz'})",
+        ),
+        (
+            "copy",
+            root / "copy.nii.gz",
+            f"the same image content under 2 subject ids: also good3 ({root / 'good3.nii.gz'})",
+        ),
+    ]
 
 
-def test_good_subjects_have_no_problems_and_summary_lists_all(broken_report):
-    report, _, _ = broken_report
-    assert not [p for p in report.problems if p.subject_id and p.subject_id.startswith("good")]
+def test_good_subjects_have_no_problems_but_the_copy_and_summary_lists_all(broken_report):
+    report, root, _ = broken_report
+    good = [p for p in report.problems if p.subject_id and p.subject_id.startswith("good")]
+    assert [(p.subject_id, p.path) for p in good] == [("good3", root / "good3.nii.gz")]
+    assert "same image content" in good[0].message
     assert not report.ok
     with pytest.raises(CohortError) as caught:
         report.raise_if_problems()
@@ -129,18 +186,58 @@ def test_good_subjects_have_no_problems_and_summary_lists_all(broken_report):
 
 def test_validation_never_modifies_input_files(broken_report):
     _, root, before = broken_report
-    after = {
-        p: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-        for p in root.iterdir()
-    }
-    assert after == before
+    assert _fingerprints(root) == before
 
 
-def test_duplicate_rows_name_each_image(broken_report):
+def test_duplicate_rows_are_reported_per_row_naming_the_other(broken_report):
     report, root, _ = broken_report
-    (problem,) = [p for p in report.problems if p.subject_id == "twice"]
-    assert f"({root / 'twice_a.nii.gz'})" in problem.message
-    assert f"({root / 'twice_b.nii.gz'})" in problem.message
+    a, b = root / "twice_a.nii.gz", root / "twice_b.nii.gz"
+    line = {r.image: r.source for r in report.cohort.records}  # cohort.csv:<line>
+    assert [(p.path, p.message) for p in report.problems if p.subject_id == "twice"] == [
+        (a, f"duplicate subject id: 2 rows, {line[a]} and {line[b]} ({b})"),
+        (b, f"duplicate subject id: 2 rows, {line[b]} and {line[a]} ({a})"),
+    ]
+
+
+@pytest.mark.skipif(
+    os.name != "posix" or os.geteuid() == 0,
+    reason="root reads a file whatever its permissions (see the /proc/self/mem case instead)",
+)
+def test_file_without_read_permission_is_reported(tmp_path):
+    path = write_volume(tmp_path / "locked.nii.gz")
+    path.chmod(0)
+    table = write_table(tmp_path / "c.csv", [{"subject_id": "s1", "image": path.name, "age": 7}])
+    report = validate_cohort(load_cohort(table, target="age", task="regression"), n_folds=None)
+    (problem,) = report.problems
+    assert (problem.subject_id, problem.path) == ("s1", path)
+    assert problem.message.startswith("cannot read the file: [Errno 13] Permission denied")
+
+
+def test_an_unexpected_error_is_a_problem_of_its_file_only(tmp_path, monkeypatch):
+    write_volume(tmp_path / "a.nii.gz", seed=1)
+    write_volume(tmp_path / "b.nii.gz", seed=2)
+    rows = [
+        {"subject_id": "s1", "image": "a.nii.gz", "age": 60},
+        {"subject_id": "s2", "image": "b.nii.gz", "age": 70},
+    ]
+    table = write_table(tmp_path / "c.csv", rows)
+    read = validation._read_decompressed
+
+    def read_or_fail(path):
+        if path.name == "b.nii.gz":
+            raise RuntimeError("disk on fire")
+        return read(path)
+
+    monkeypatch.setattr(validation, "_read_decompressed", read_or_fail)
+    report = validate_cohort(load_cohort(table, target="age", task="regression"), n_folds=None)
+    assert [(p.subject_id, p.path, p.message) for p in report.problems] == [
+        (
+            "s2",
+            tmp_path / "b.nii.gz",
+            "unexpected error while checking the image: RuntimeError: disk on fire",
+        )
+    ]
+    assert list(report.images) == [tmp_path / "a.nii.gz"]
 
 
 @pytest.mark.parametrize("shape", [(8, 8, 8, 1), (8, 8, 8, 1, 1)])
@@ -282,11 +379,12 @@ def test_same_content_is_found_across_dtype_and_voxel_order(tmp_path, variant, f
     ]
     table = write_table(tmp_path / "c.csv", rows)
     report = validate_cohort(load_cohort(table, target="age", task="regression"), n_folds=None)
-    messages = [p.message for p in report.problems]
-    assert messages == (
+    found = [(p.subject_id, p.path, p.message) for p in report.problems]
+    a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
+    assert found == (
         [
-            "the same image content under 2 subject ids: "
-            f"s1 ({tmp_path / 'a.nii.gz'}), s2 ({tmp_path / 'b.nii.gz'})"
+            ("s1", a, f"the same image content under 2 subject ids: also s2 ({b})"),
+            ("s2", b, f"the same image content under 2 subject ids: also s1 ({a})"),
         ]
         if flagged
         else []

@@ -159,7 +159,7 @@ def _predict(args: argparse.Namespace) -> int:
         trained, images, subjects, batch_size=args.batch_size, session_ids=sessions
     )
     rows = "images"
-    if args.per_subject:
+    if not args.per_image:
         frame, rows = per_subject(frame, trained), "subjects"
     _write_csv(frame, args.out)
     print(f"wrote predictions for {len(frame)} {rows} to {args.out}")
@@ -225,7 +225,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def study_options(command: argparse.ArgumentParser) -> None:
+    def study_options(
+        command: argparse.ArgumentParser, default_store: str = "sqlite:///mlflow.db"
+    ) -> None:
         command.add_argument(
             "--set",
             action="append",
@@ -241,7 +243,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--tracking-uri",
             help="MLflow tracking URI (default: the config's, then MLFLOW_TRACKING_URI, "
-            "then sqlite:///mlflow.db)",
+            f"then {default_store})",
         )
 
     demo = commands.add_parser(
@@ -264,7 +266,7 @@ def _parser() -> argparse.ArgumentParser:
         help="size of the patient effect in the demo cohort (0: none)",
     )
     demo.add_argument("--config", help="study config (default: the packaged demo.yaml)")
-    study_options(demo)
+    study_options(demo, default_store="sqlite:///<workdir>/mlflow.db")
     demo.set_defaults(handler=_demo)
 
     validate = commands.add_parser(
@@ -276,7 +278,10 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("cohort", nargs="?", help="cohort table (.csv/.tsv) or BIDS folder")
     validate.add_argument("--target", help="target column")
     validate.add_argument(
-        "--task", default="classification", choices=["classification", "regression"]
+        "--task",
+        default="classification",
+        choices=["classification", "regression"],
+        help="what the target is (default classification: labels and class counts checked)",
     )
     validate.add_argument(
         "--folds", type=int, default=5, help="planned folds (class counts are checked)"
@@ -294,7 +299,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run a cross-validated study from a config",
         description="Validates the config and cohort, makes subject-level folds, trains every "
         "fold (model selection on validation subjects only) and summarises test metrics with "
-        "95%% confidence intervals. Tracked in MLflow: a parent run, a child run per fold.",
+        "95% confidence intervals. Tracked in MLflow: a parent run, a child run per fold.",
     )
     cv.add_argument("config", help="study config (YAML)")
     study_options(cv)
@@ -303,7 +308,10 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="train and test one split of a study",
-        description="Like cv, for one fold only.",
+        description="Like cv, for one fold only: the study's folder, splits and parent run "
+        "are those of cv, so the folds of one study can run as separate jobs. The first job "
+        "creates the study; every later one (another --fold) adds --resume. The parent run's "
+        "summary covers the folds finished so far.",
     )
     train.add_argument("config", help="study config (YAML)")
     train.add_argument("--fold", type=int, default=0, help="which fold (default 0)")
@@ -315,29 +323,42 @@ def _parser() -> argparse.ArgumentParser:
         source.add_argument("--checkpoint", help="a best.pt from a study folder")
         source.add_argument("--run-id", help="an MLflow fold run that logged the model")
         command.add_argument("--tracking-uri", help="MLflow tracking URI of --run-id")
-        command.add_argument("--batch-size", type=int, default=4)
+        command.add_argument(
+            "--batch-size", type=int, default=4, help="images per forward pass (default 4)"
+        )
 
     predict = commands.add_parser(
         "predict",
         help="apply a trained model to NIfTI files or a cohort",
-        description="Writes one row per image (or per subject with --per-subject): subject, "
-        "session, image, prediction and class probabilities (classification) or the "
-        "predicted value (regression).",
+        description="Writes one row per subject (or per image with --per-image): subject, "
+        "the number of images (per image: session and image), prediction and class "
+        "probabilities (classification) or the predicted value (regression). Inputs are NIfTI "
+        "files (subject and session from BIDS names such as sub-01_ses-1_T1w.nii.gz, else the "
+        "file name), one cohort table (its subject_id and image columns; no target needed) or "
+        "one BIDS folder.",
     )
     model_source(predict)
     predict.add_argument("inputs", nargs="+", help="NIfTI files, a cohort table, or a BIDS folder")
     predict.add_argument("--out", default="predictions.csv", help="CSV to write")
     predict.add_argument(
-        "--target", help="target column when an input is a cohort (not used for scoring)"
+        "--target",
+        help="a column the cohort table must have (not used; by default none is required)",
     )
-    predict.add_argument("--image-column", default="image")
     predict.add_argument(
-        "--per-subject",
-        action="store_true",
-        help="one row per subject instead of per image: probabilities (or values) averaged "
-        "over the subject's images, as the studies score subjects",
+        "--image-column", default="image", help="image path column of a cohort table"
     )
-    predict.set_defaults(handler=_predict)
+    rows = predict.add_mutually_exclusive_group()
+    rows.add_argument(
+        "--per-subject",
+        dest="per_image",
+        action="store_false",
+        help="one row per subject, the default: probabilities (or values) averaged over the "
+        "subject's images, as the studies score subjects",
+    )
+    rows.add_argument(
+        "--per-image", dest="per_image", action="store_true", help="one row per image instead"
+    )
+    predict.set_defaults(handler=_predict, per_image=False)
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -348,7 +369,9 @@ def _parser() -> argparse.ArgumentParser:
     model_source(evaluate)
     evaluate.add_argument("cohort", help="cohort table or BIDS folder with the target column")
     evaluate.add_argument("--target", required=True, help="target column")
-    evaluate.add_argument("--image-column", default="image")
+    evaluate.add_argument(
+        "--image-column", default="image", help="image path column of a cohort table"
+    )
     evaluate.add_argument("--out", help="also write per-image predictions to this CSV")
     evaluate.set_defaults(handler=_evaluate)
 
@@ -360,7 +383,7 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument(
         "--tracking-uri", help="store to show (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
     )
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
     ui.set_defaults(handler=_ui)
     return parser
 
@@ -372,7 +395,8 @@ def _inputs(
     if len(inputs) == 1 and (Path(inputs[0]).is_dir() or inputs[0].endswith((".csv", ".tsv"))):
         from enn_neuro.data.cohort import load_cohort
 
-        target = args.target or "participant_id"
+        # the target is not used: ask only for a column every cohort of that kind has
+        target = args.target or ("participant_id" if Path(inputs[0]).is_dir() else "subject_id")
         cohort = load_cohort(inputs[0], target, "classification", None, args.image_column)
         records = cohort.records
         return (
@@ -387,12 +411,15 @@ def _inputs(
 
 
 def _with_tracking_uri(config, tracking_uri: str | None, default: str | None = None):
-    uri = (
-        tracking_uri
-        or config.tracking.tracking_uri
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or default
-    )
+    """Sets the store a study logs to: ``--tracking-uri``, the config's, else ``default``.
+
+    ``MLFLOW_TRACKING_URI`` is left where it is, in the environment, for the tracker to read:
+    copied into the config it would be saved with every run (params, ``config.yaml``), and
+    a server's address may carry credentials.
+    """
+    uri = tracking_uri or config.tracking.tracking_uri
+    if not uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = default
     if uri:
         config.tracking.tracking_uri = uri
     return config
@@ -418,7 +445,8 @@ def _print_summary(summary: dict, tracking_uri: str | None) -> None:
         if name.startswith("test/") and "block" not in name and name != "test/loss":
             interval = f" [{values['ci_low']:.3f}, {values['ci_high']:.3f}]" if folds > 1 else ""
             print(f"  {name.removeprefix('test/'):<18} {values['mean']:.3f}{interval}")
-    print(f"compare runs with: enn-neuro ui --tracking-uri {tracking_uri or 'sqlite:///mlflow.db'}")
+    store = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    print(f"compare runs with: enn-neuro ui --tracking-uri {store}")
 
 
 def _is_mlflow_error(err: BaseException) -> bool:

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from enn_neuro.cli import main, ui_command
-from enn_neuro.config import load_config
+from enn_neuro.cli import _parser, _with_tracking_uri, main, ui_command
+from enn_neuro.config import load_config, validate_config
 from enn_neuro.training.study import run_study
 from tests.data.conftest import write_table, write_volume
 from tests.training.conftest import tiny_config
@@ -32,6 +32,27 @@ def test_help_of_every_subcommand(command, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert f"usage: enn-neuro {command}" in text and "options:" in text
+
+
+def test_every_option_and_argument_is_explained():
+    subcommands = next(a for a in _parser()._actions if a.dest == "command").choices
+    assert sorted(subcommands) == sorted(SUBCOMMANDS)
+    for name, subparser in subcommands.items():
+        assert subparser.description, name
+        for action in subparser._actions:
+            assert action.help and "%%" not in action.help, (name, action.dest)
+
+
+def test_tracking_uri_from_the_environment_stays_out_of_the_config(monkeypatch):
+    config = validate_config({"study": {"name": "x"}, "data": {"cohort": "c.csv", "target": "dx"}})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:secret@mlflow:5000")
+    assert _with_tracking_uri(config, None, default="sqlite:///d.db").tracking.tracking_uri is None
+    assert _with_tracking_uri(config, "sqlite:///x.db").tracking.tracking_uri == "sqlite:///x.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    fresh = validate_config({"study": {"name": "x"}, "data": {"cohort": "c.csv", "target": "dx"}})
+    assert _with_tracking_uri(fresh, None, default="sqlite:///d.db").tracking.tracking_uri == (
+        "sqlite:///d.db"
+    )
 
 
 def test_bad_config_is_one_line_naming_key_and_value(tmp_path):
@@ -100,7 +121,7 @@ def test_predict_and_evaluate_match_the_trained_model(tmp_path, demo_cohort, cac
     out = tmp_path / "from_checkpoint.csv"
     images = list(expected["image"])
     command = ["predict", "--checkpoint", str(fold_dir / "best.pt"), *images, "--out", str(out)]
-    finished = _run(*command)
+    finished = _run(*command, "--per-image")
     assert finished.returncode == 0, finished.stderr
     predicted = pd.read_csv(out)
     assert list(predicted["prediction"]) == list(expected["prediction"])
@@ -118,21 +139,27 @@ def test_predict_and_evaluate_match_the_trained_model(tmp_path, demo_cohort, cac
         str(demo_cohort),
         "--out",
         str(out),
+        "--per-image",
     )
     assert finished.returncode == 0, finished.stderr
     from_run = pd.read_csv(out).set_index("image").loc[images]
     assert np.allclose(from_run["prob_patient"], expected["prob_patient"], atol=1e-5)
     assert len(pd.read_csv(out)) == 12 and "session_id" in from_run.columns
 
-    # one row per subject: the mean of its images' probabilities, as the study scores it
-    out = tmp_path / "per_subject.csv"
-    finished = _run(*command[:-1], str(out), "--per-subject")
-    assert finished.returncode == 0, finished.stderr
-    subjects = pd.read_csv(out).set_index("subject_id")
-    by_subject = expected.groupby("subject_id")["prob_patient"].mean()
-    assert set(subjects.index) == set(by_subject.index)
-    assert np.allclose(subjects.loc[by_subject.index, "prob_patient"], by_subject, atol=1e-5)
-    assert (subjects["n_images"] == expected.groupby("subject_id").size()).all()
+    # by default one row per subject: the mean of its images' probabilities, as the study
+    # scores it; here from an unlabelled cohort table (subject_id and image columns only)
+    table = tmp_path / "new_scans.csv"
+    pd.DataFrame({"subject_id": expected["subject_id"], "image": images}).to_csv(table, index=False)
+    for inputs, name in [(images, "per_subject.csv"), ([str(table)], "from_table.csv")]:
+        out = tmp_path / name
+        finished = _run(*command[:3], *inputs, "--out", str(out))
+        assert finished.returncode == 0, finished.stderr
+        assert "for 6 subjects" in finished.stdout
+        subjects = pd.read_csv(out).set_index("subject_id")
+        by_subject = expected.groupby("subject_id")["prob_patient"].mean()
+        assert set(subjects.index) == set(by_subject.index)
+        assert np.allclose(subjects.loc[by_subject.index, "prob_patient"], by_subject, atol=1e-5)
+        assert (subjects["n_images"] == expected.groupby("subject_id").size()).all()
 
     # wrong model sources: one line each, no traceback
     not_a_checkpoint = tmp_path / "notes.pt"

@@ -10,7 +10,8 @@ The checks, each reported with the subject and file named:
 - the table: no images at all, fewer than two classes for a classification, missing or
   unknown labels, non-numeric regression targets, duplicate rows (the same subject and
   session in two rows), a subject with two different class labels, the same image content
-  under two subject ids, too few subjects of a class for the requested folds.
+  under two subject ids, too few subjects (of a class, or to train and validate in every fold)
+  for the requested folds.
 
 Regression targets may differ between a subject's images (age at each scan); class labels may
 not. A problem that concerns several subjects or files (a duplicate row, a copied image) is
@@ -37,6 +38,7 @@ import nibabel as nib
 import numpy as np
 
 from enn_neuro.data.cohort import Cohort, CohortError, ImageRecord, Problem, Task
+from enn_neuro.data.splits import fold_count_problems
 
 __all__ = ["ImageSummary", "ValidationReport", "validate_cohort"]
 
@@ -129,7 +131,8 @@ def validate_cohort(
     Args:
         cohort: The cohort, as read by :func:`~enn_neuro.data.cohort.load_cohort`.
         n_folds: Folds of the planned cross-validation; each class needs at least this many
-            subjects. ``None`` skips the check.
+            subjects (see :func:`~enn_neuro.data.splits.fold_count_problems`). ``None`` skips
+            the check.
         workers: Threads reading images (decompression releases the GIL); a small default.
 
     Returns:
@@ -155,7 +158,7 @@ def validate_cohort(
     report.problems.extend(_check_targets(cohort))
     report.problems.extend(_check_duplicates(cohort, report.images))
     if n_folds is not None:
-        report.problems.extend(_check_fold_counts(cohort, n_folds))
+        report.problems.extend(fold_count_problems(cohort, n_folds))
 
     logger.info("validated %s: %d problem(s)", cohort.source, len(report.problems))
     return report
@@ -410,25 +413,6 @@ def _check_duplicates(cohort: Cohort, images: dict[Path, ImageSummary]) -> list[
             message = f"the same image content under {len(owners)} subject ids: also {others}"
             problems.append(Problem(message, subject_id, image, "image"))
     return problems
-
-
-def _check_fold_counts(cohort: Cohort, n_folds: int) -> list[Problem]:
-    subjects = cohort.subject_table()
-    if cohort.task is Task.REGRESSION:
-        if len(subjects) < n_folds:
-            message = f"{len(subjects)} subjects are fewer than the {n_folds} folds requested"
-            return [Problem(message, field=cohort.target)]
-        return []
-    counts = Counter(t for t in subjects["target"] if t in cohort.classes)
-    return [
-        Problem(
-            f"class {label!r} has {counts.get(label, 0)} subject(s), fewer than the "
-            f"{n_folds} folds requested",
-            field=cohort.target,
-        )
-        for label in cohort.classes
-        if counts.get(label, 0) < n_folds
-    ]
 
 
 def _row_name(record: ImageRecord) -> str:

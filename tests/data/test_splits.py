@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import dataclasses
+import random
+import re
 
 import pandas as pd
 import pytest
 
-from enn_neuro.data.cohort import Cohort, ImageRecord, Task
+from enn_neuro.data.cohort import Cohort, CohortError, ImageRecord, Task
 from enn_neuro.data.splits import (
     LeakageError,
     check_leakage,
@@ -53,6 +55,100 @@ class TestMakeSplits:
         first, again = make_splits(cohort, seed=3), make_splits(cohort, seed=3)
         pd.testing.assert_frame_equal(first, again)
         assert not first.equals(make_splits(cohort, seed=4))
+
+    @pytest.mark.parametrize("task", [Task.CLASSIFICATION, Task.REGRESSION])
+    def test_depends_on_the_set_of_subjects_not_on_the_row_order(self, task):
+        cohort = _cohort(task=task)
+        reversed_rows = dataclasses.replace(cohort, records=cohort.records[::-1])
+        shuffled = list(cohort.records)
+        random.Random(7).shuffle(shuffled)
+        shuffled_rows = dataclasses.replace(cohort, records=shuffled)
+        table = make_splits(cohort, seed=5, stratify_by=["site"])
+        for other in (reversed_rows, shuffled_rows):
+            pd.testing.assert_frame_equal(make_splits(other, seed=5, stratify_by=["site"]), table)
+
+    @pytest.mark.parametrize("seed", [0, 1])
+    def test_images_of_the_roles_of_every_fold_are_disjoint(self, seed):
+        cohort = _cohort(n_subjects=30, images_per_subject=3)
+        table = make_splits(cohort, n_folds=3, seed=seed)
+        every_image = {str(r.image) for r in cohort.records}
+        for fold, part in table.groupby("fold"):
+            images = {
+                role: {s["image"] for s in cohort.to_samples(group["subject_id"].tolist())}
+                for role, group in part.groupby("role")
+            }
+            assert sorted(images) == ["test", "train", "val"], fold
+            assert not images["train"] & images["val"], fold
+            assert not images["train"] & images["test"], fold
+            assert not images["val"] & images["test"], fold
+            assert images["train"] | images["val"] | images["test"] == every_image, fold
+
+    def test_content_shared_by_two_subjects_is_caught_when_hashes_are_given(self):
+        cohort = _cohort(n_subjects=20, images_per_subject=1)
+        hashes = {r.image: f"hash-{r.subject_id}" for r in cohort.records}
+        # the same scan under every subject: whatever the split, two roles share it
+        shared = dict.fromkeys(hashes, "one-scan")
+        make_splits(cohort, n_folds=2, content_hashes=hashes)
+        with pytest.raises(LeakageError, match=r"fold 0: the same image content is"):
+            make_splits(cohort, n_folds=2, content_hashes=shared)
+
+    @pytest.mark.parametrize(
+        ("counts", "n_folds", "messages"),
+        [
+            (
+                {"a": 1, "b": 1},
+                2,
+                [
+                    r"class 'a' has 1 subject\(s\), fewer than the 2 folds requested",
+                    r"class 'b' has 1 subject\(s\), fewer than the 2 folds requested",
+                    r"2 subjects in 2 folds leave 1 subject\(s\) outside a test fold; at least 2",
+                ],
+            ),
+            (
+                {"a": 10, "b": 2},
+                3,
+                [r"class 'b' has 2 subject\(s\), fewer than the 3 folds requested"],
+            ),
+            ({"a": 4, "b": 0}, 2, [r"class 'b' has 0 subject\(s\), fewer than the 2 folds"]),
+        ],
+        ids=["two_subjects", "small_class", "empty_class"],
+    )
+    def test_too_small_a_cohort_is_a_cohort_error_naming_class_and_count(
+        self, counts, n_folds, messages
+    ):
+        labels = [label for label, count in counts.items() for _ in range(count)]
+        records = [
+            ImageRecord(f"s{i:02d}", f"/d/s{i:02d}.nii.gz", label) for i, label in enumerate(labels)
+        ]
+        cohort = Cohort(records, Task.CLASSIFICATION, "dx", "/d/c.csv", classes=list(counts))
+        with pytest.raises(CohortError) as caught:
+            make_splits(cohort, n_folds=n_folds)
+        problems = [p.message for p in caught.value.problems]
+        assert len(problems) == len(messages), problems
+        for problem, message in zip(problems, messages, strict=True):
+            assert re.match(message, problem), problem
+        assert str(caught.value).startswith("cohort /d/c.csv has")
+
+    def test_smallest_splittable_regression_cohort(self):
+        records = [ImageRecord(f"s{i}", f"/d/{i}.nii.gz", 60.0 + i) for i in range(4)]
+        cohort = Cohort(records, Task.REGRESSION, "age", "/d/c.csv")
+        table = make_splits(cohort, n_folds=2, seed=0)
+        for _, part in table.groupby("fold"):
+            assert part["role"].value_counts().to_dict() == {"test": 2, "train": 1, "val": 1}
+        with pytest.raises(CohortError, match=r"3 subjects in 2 folds leave 1 subject\(s\)"):
+            make_splits(dataclasses.replace(cohort, records=records[:3]), n_folds=2)
+
+    def test_strata_all_smaller_than_the_folds_fall_back_to_the_label(self, caplog):
+        # every label × site stratum holds one subject
+        records = [
+            ImageRecord(f"s{i}", f"/d/{i}.nii.gz", "ab"[i % 2], site=f"site{i}") for i in range(4)
+        ]
+        cohort = Cohort(records, Task.CLASSIFICATION, "dx", "/d/c.csv", classes=["a", "b"])
+        table = make_splits(cohort, n_folds=2, stratify_by=["site"], seed=0)
+        labels = {r.subject_id: r.target for r in records}
+        for _, part in table[table["role"] == "test"].groupby("fold"):
+            assert sorted(labels[s] for s in part["subject_id"]) == ["a", "b"]
+        assert "stratified by the label only" in caplog.text
 
     def test_test_folds_are_stratified_by_label(self):
         cohort = _cohort(n_subjects=40)  # 14 patients, 26 controls
@@ -158,11 +254,14 @@ class TestLeakage:
         train_subject = fold0[fold0 == "train"].index[0]
         image_of = {r.subject_id: r.image for r in cohort.records}
         hashes[image_of[test_subject]] = hashes[image_of[train_subject]]
+        pair = f"({re.escape(test_subject)}|{re.escape(train_subject)})"
         with pytest.raises(
             LeakageError,
-            match=f"fold 0: the same image content is .*{test_subject}|{train_subject}",
-        ):
+            match=rf"fold 0: the same image content is (test|train) \({pair}\) and "
+            rf"(test|train) \({pair}, ",
+        ) as caught:
             check_leakage(table, cohort, hashes)
+        assert test_subject in str(caught.value) and train_subject in str(caught.value)
 
 
 class TestSplitTableFiles:
@@ -171,6 +270,15 @@ class TestSplitTableFiles:
         table = make_splits(cohort, seed=0)
         path = write_split_table(table, tmp_path / "splits.tsv")
         pd.testing.assert_frame_equal(read_split_table(path, cohort), table)
+
+    def test_user_table_is_checked_for_shared_content(self, tmp_path):
+        cohort = _cohort(n_subjects=10, images_per_subject=1)
+        table = make_splits(cohort, n_folds=2, seed=0)
+        path = write_split_table(table, tmp_path / "splits.tsv")
+        hashes = {r.image: f"hash-{r.subject_id}" for r in cohort.records}
+        read_split_table(path, cohort, content_hashes=hashes)
+        with pytest.raises(LeakageError, match=r"fold 0: the same image content is"):
+            read_split_table(path, cohort, content_hashes=dict.fromkeys(hashes, "one-scan"))
 
     @pytest.mark.parametrize(
         ("text", "message"),

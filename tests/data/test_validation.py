@@ -262,6 +262,32 @@ def test_too_few_subjects_per_class_for_the_folds(valid_table):
     assert "class 'patient' has 5 subject(s), fewer than the 6 folds requested" in messages
 
 
+@pytest.mark.parametrize(
+    ("subjects", "n_folds", "messages"),
+    [
+        (
+            2,
+            2,
+            ["2 subjects in 2 folds leave 1 subject(s) outside a test fold; at least 2 are needed"],
+        ),
+        (3, 4, ["3 subjects cannot fill 4 folds"]),
+        (6, 3, []),
+    ],
+)
+def test_too_few_subjects_to_train_and_validate_in_every_fold(
+    tmp_path, subjects, n_folds, messages
+):
+    rows = []
+    for index in range(subjects):
+        write_volume(tmp_path / f"s{index}.nii.gz", seed=index)
+        rows.append({"subject_id": f"s{index}", "image": f"s{index}.nii.gz", "age": 60 + index})
+    table = write_table(tmp_path / "c.csv", rows)
+    report = validate_cohort(load_cohort(table, target="age", task="regression"), n_folds=n_folds)
+    found = [p.message for p in report.problems]
+    assert len(found) == len(messages)
+    assert all(m.startswith(expected) for m, expected in zip(found, messages, strict=True)), found
+
+
 def test_regression_target_must_be_numeric(tmp_path):
     write_volume(tmp_path / "a.nii.gz")
     table = write_table(
@@ -413,7 +439,7 @@ def _sessions_table(tmp_path, column: str, values: list) -> Path:
 def test_regression_target_may_differ_between_a_subjects_scans(tmp_path):
     table = _sessions_table(tmp_path, "age", [60.5, 62.0, 71.0, 74.5])  # age at each scan
     cohort = load_cohort(table, target="age", task="regression")
-    report = validate_cohort(cohort, n_folds=2)
+    report = validate_cohort(cohort, n_folds=None)  # two subjects: too few for any folds
     assert report.ok, report.summary()
     assert cohort.subject_table()["target"].tolist() == [61.25, 72.75]
 

@@ -87,6 +87,7 @@ logger = logging.getLogger(__name__)
 #     and its role; a resume that finds no saved id looks the key up before creating a run.
 
 MAX_CLASSES_PLOTTED = 20  # confusion matrices and ROC curves beyond this are unreadable
+CONFUSION_JSON = "confusion_matrix.json"  # the counts behind the figure
 
 
 class StudyError(RuntimeError):
@@ -331,6 +332,8 @@ def run_plan(
             study_metrics[f"study/{name.removeprefix('test/')}_{statistic}"] = values[statistic]
     tracker.log_metrics(parent_id, study_metrics, step=0)
     tracker.log_artifact(parent_id, study_dir / "summary.json")
+    for path in _pooled_confusion_matrix(study_dir, sorted(fold_metrics)):
+        tracker.log_artifact(parent_id, path)
     tracker.end_run(parent_id)
     _log_summary(summary)
     return StudyResult(study_dir, parent_id, fold_metrics, summary)
@@ -423,6 +426,9 @@ def _run_fold(
         probabilities = by_subject[[f"prob_{c}" for c in classes]].mean().to_numpy()
         labels = [classes.index(t) for t in by_subject["target"].first()]
         matrix = classification_metrics(labels, probabilities, classes)["confusion_matrix"]
+        counts = {"classes": classes, "rows": "true class", "matrix": matrix}
+        (fold_dir / CONFUSION_JSON).write_text(json.dumps(counts, indent=2))
+        figures.append(fold_dir / CONFUSION_JSON)
         figures.append(plot_confusion_matrix(matrix, classes, fold_dir / "confusion_matrix.png"))
         figures.append(plot_roc_curve(labels, probabilities, classes, fold_dir / "roc_curve.png"))
     for path in [fold_dir / "predictions.csv", fold_dir / "metrics.json", *figures]:
@@ -443,6 +449,24 @@ def _run_fold(
     shown = {k.removeprefix("test/"): v for k, v in test_metrics.items() if "block" not in k}
     logger.info("fold %d test: %s", fold, ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     return test_metrics
+
+
+def _pooled_confusion_matrix(study_dir: Path, folds: list[int]) -> list[Path]:
+    """The folds' confusion matrices summed (each test subject counted once), JSON and PNG.
+
+    Returns:
+        The files written, none where the folds have no matrix (regression, many classes).
+    """
+    paths = [study_dir / f"fold-{fold}" / CONFUSION_JSON for fold in folds]
+    if not paths or not all(path.exists() for path in paths):
+        return []
+    saved = [json.loads(path.read_text()) for path in paths]
+    classes = saved[0]["classes"]
+    matrix = np.sum([np.array(s["matrix"], dtype=np.int64) for s in saved], axis=0).tolist()
+    counts = {"classes": classes, "rows": "true class", "matrix": matrix, "folds": folds}
+    (study_dir / CONFUSION_JSON).write_text(json.dumps(counts, indent=2))
+    figure = plot_confusion_matrix(matrix, classes, study_dir / "confusion_matrix.png")
+    return [study_dir / CONFUSION_JSON, figure]
 
 
 def _loaders(

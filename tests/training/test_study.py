@@ -104,8 +104,10 @@ def test_study_logs_parent_and_fold_runs_with_params_metrics_artifacts(
             "model_info.json",
         }
         if not regression:
-            expected |= {"confusion_matrix.png", "roc_curve.png"}
+            expected |= {"confusion_matrix.png", "confusion_matrix.json", "roc_curve.png"}
         assert expected <= _artifacts(client, child.info.run_id)
+        assert child.data.params["training.mode"] == config.training.mode
+        assert child.data.tags["layer"] == config.model.layer
 
     # the fused model is logged with each fold and predicts volumes of the training shape
     import mlflow.pytorch
@@ -114,6 +116,9 @@ def test_study_logs_parent_and_fold_runs_with_params_metrics_artifacts(
     fused = mlflow.pytorch.load_model(f"runs:/{children[0].info.run_id}/model")
     outputs = 1 if regression else (3 if config.data.target == "site" else 2)
     assert fused(torch.zeros(3, 1, 24, 24, 24)).shape == (3, outputs)
+    signature = mlflow.models.get_model_info(f"runs:/{children[0].info.run_id}/model").signature
+    assert signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 1, 24, 24, 24)
+    assert signature.outputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, outputs)
     assert not any(hasattr(m, "lam") for m in fused.modules())
 
     # the study summary on the parent, equal to the folds' mean
@@ -121,6 +126,10 @@ def test_study_logs_parent_and_fold_runs_with_params_metrics_artifacts(
     assert parent.data.metrics[f"study/{main_metric}_mean"] == pytest.approx(np.mean(fold_values))
     assert f"study/{main_metric}_ci_low" in parent.data.metrics
     assert {"config.yaml", "splits.tsv", "summary.json"} <= _artifacts(client, parent.info.run_id)
+    if not regression:  # the folds' test subjects pooled: every subject of the cohort once
+        assert "confusion_matrix.json" in _artifacts(client, parent.info.run_id)
+        pooled = json.loads((result.study_dir / "confusion_matrix.json").read_text())
+        assert np.sum(pooled["matrix"]) == 12 and len(pooled["classes"]) == outputs
 
     # artifacts live beside the SQLite store, not in the current folder
     artifacts_dir = tmp_path / "mlartifacts"

@@ -8,8 +8,9 @@ one grid: orientation, voxel spacing, intensity scale and shape. It is cached on
 so that every epoch draws new ones.
 
 Everything MONAI can do is done by MONAI; the hand-written steps do what it lacks:
-:class:`SingleVolumed` (see ``Note [single volume]``), and the foreground mask and the z-score
-within it, :class:`ForegroundZScored` (see ``Note [foreground]``).
+:class:`SingleVolumed` (see ``Note [single volume]``), the foreground mask and the z-score
+within it, :class:`ForegroundZScored` (see ``Note [foreground]``), and fitting the foreground
+into the output shape, :class:`FitToShaped` (see ``Note [fit]``).
 
 Note [preprocessing order]:
     1. Load with nibabel (scaling slope/intercept applied), channel first; trailing singleton
@@ -26,10 +27,20 @@ Note [preprocessing order]:
        bounding box, *before* normalising: z-scoring moves the background to nonzero values.
     6. Normalise intensities: z-score with the mean and std of the foreground, the background
        (outside the mask) set to 0; or percentiles of the cropped volume to [0, 1].
-    7. Pad or crop symmetrically to ``shape`` (never stretch: the voxel size stays
-       ``spacing_mm``). Padding is 0, which is the background value after either
-       normalisation.
+    7. Fit to ``shape`` (``Note [fit]``): pad or crop symmetrically (``fit="pad_crop"``, the
+       voxel size stays ``spacing_mm``), or scale to fit and pad (``fit="resize"``). Padding
+       is 0, which is the background value after either normalisation.
     8. Cast to float32.
+
+Note [fit]:
+    A head with its neck, or a wide field of view without ``crop_foreground``, can be larger
+    than ``shape × spacing_mm``. ``fit="pad_crop"`` then cuts the excess symmetrically, which
+    removes tissue (the top of the skull and the neck): with ``crop_foreground`` on, a warning
+    names the file and the millimetres cut per axis. ``fit="resize"`` scales every cropped
+    volume, keeping its aspect ratio, so that it just fits ``shape`` along its tightest axis,
+    then pads the others: nothing is cut, but the voxel size then differs between images (the
+    affine records it) and so absolute head size is no longer visible to the model. MONAI's
+    ``Resized(size_mode="longest")`` fits a cube only, hence :class:`FitToShaped`.
 
 Note [foreground]:
     Magnitude MRI has Rician noise in the background, so every voxel is positive: "foreground
@@ -67,6 +78,7 @@ import nibabel
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -76,6 +88,7 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     Orientationd,
+    Resize,
     ResizeWithPadOrCropd,
     ScaleIntensityRangePercentilesd,
     Spacingd,
@@ -84,8 +97,10 @@ from monai.utils import convert_to_dst_type
 from scipy import ndimage
 
 __all__ = [
+    "FIT_MODES",
     "INTENSITY_MODES",
     "AugmentationConfig",
+    "FitToShaped",
     "ForegroundZScored",
     "PreprocessingConfig",
     "SingleVolumed",
@@ -96,6 +111,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 INTENSITY_MODES = ("zscore", "percentile")
+FIT_MODES = ("pad_crop", "resize")
 
 # Bumped whenever preprocessing_transforms changes what it computes for a given config, so
 # that caches written by the old code are not reused (the fingerprint includes it).
@@ -129,6 +145,9 @@ class PreprocessingConfig:
             percentile of the positive intensities, less specks (see ``Note [foreground]``);
             0 means every positive voxel, which suits only images with an exactly zero
             background. Raise it for very noisy scans.
+        fit: How a volume larger than ``shape`` is fitted (``Note [fit]``): ``"pad_crop"``
+            (keep the voxel size, cut the excess; a warning names the file when the
+            foreground is cut) or ``"resize"`` (scale to fit, keeping the aspect ratio).
 
     Raises:
         ValueError: If any field is invalid; the message lists every invalid field.
@@ -141,6 +160,7 @@ class PreprocessingConfig:
     percentiles: tuple[float, float] = (0.5, 99.5)
     crop_foreground: bool = True
     foreground_fraction: float = 0.2
+    fit: str = "pad_crop"
 
     def __post_init__(self) -> None:
         problems = []
@@ -198,6 +218,9 @@ class PreprocessingConfig:
             problems.append(f"foreground_fraction must be in [0, 1), got {fraction!r}")
         else:
             object.__setattr__(self, "foreground_fraction", float(fraction))
+
+        if self.fit not in FIT_MODES:
+            problems.append(f"fit must be one of {FIT_MODES}, got {self.fit!r}")
 
         if problems:
             raise ValueError("invalid PreprocessingConfig: " + "; ".join(problems))
@@ -293,6 +316,8 @@ def preprocessing_transforms(config: PreprocessingConfig) -> Compose:
     if use_mask:
         steps.append(DeleteItemsd(_MASK_KEY))
     steps += [
+        # the foreground's extent is known only with the crop: without it, warn about nothing
+        FitToShaped(keys, config.shape, config.fit, warn_on_cut=config.crop_foreground),
         ResizeWithPadOrCropd(keys, spatial_size=config.shape, mode="constant"),
         EnsureTyped(keys, data_type="tensor", dtype=torch.float32, track_meta=True),
     ]
@@ -383,6 +408,66 @@ class ForegroundZScored(MapTransform):
             mean = mean.to(plain.dtype).view(shape)
             std = std.to(plain.dtype).view(shape)
             sample[key] = ((image - mean) / std).masked_fill(~mask, 0.0)
+        return sample
+
+
+class FitToShaped(MapTransform):
+    """Fits each image into ``shape`` before it is padded (or cropped) to it: ``Note [fit]``.
+
+    With ``mode="resize"`` the image is scaled by ``min(shape / size)`` over the axes, keeping
+    its aspect ratio (area averaging when it shrinks, trilinear when it grows), so that it
+    fits ``shape`` and touches it along one axis; the affine follows. With
+    ``mode="pad_crop"`` the image passes unchanged, and a warning names the file and the
+    millimetres per axis that the following centre crop will cut, if any.
+
+    Args:
+        keys: Keys of the images, ``(C, X, Y, Z)``.
+        shape: The output spatial shape ``(D, H, W)``.
+        mode: One of :data:`FIT_MODES`.
+        warn_on_cut: Whether ``"pad_crop"`` warns when the image exceeds ``shape``; only
+            meaningful when the image was cropped to its foreground.
+
+    Raises:
+        ValueError: If ``mode`` is not one of :data:`FIT_MODES`.
+    """
+
+    def __init__(
+        self,
+        keys: str | Sequence[str],
+        shape: Sequence[int],
+        mode: str = "pad_crop",
+        warn_on_cut: bool = True,
+    ) -> None:
+        super().__init__(keys)
+        if mode not in FIT_MODES:
+            raise ValueError(f"mode must be one of {FIT_MODES}, got {mode!r}")
+        self.shape = tuple(int(n) for n in shape)
+        self.mode = mode
+        self.warn_on_cut = warn_on_cut
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        sample = dict(data)
+        for key in self.key_iterator(sample):
+            image = sample[key]  # (C, X, Y, Z)
+            size = tuple(int(n) for n in image.shape[1:])
+            if self.mode == "resize":
+                sample[key] = _scale_to_fit(image, size, self.shape)
+            elif self.warn_on_cut and any(n > m for n, m in zip(size, self.shape, strict=True)):
+                voxel_mm = _voxel_mm(image)
+                cut_mm = tuple(
+                    round(max(n - m, 0) * v, 1)
+                    for n, m, v in zip(size, self.shape, voxel_mm, strict=True)
+                )
+                extent_mm = tuple(round(n * v, 1) for n, v in zip(size, voxel_mm, strict=True))
+                logger.warning(
+                    "%s: the foreground (%s mm) exceeds the output shape %s; the centre crop "
+                    "cuts %s mm per axis of it. Set preprocessing.fit: resize, or a larger "
+                    "shape, to keep it whole",
+                    _source_name(image),
+                    " x ".join(map(str, extent_mm)),
+                    self.shape,
+                    cut_mm,
+                )
         return sample
 
 
@@ -603,6 +688,24 @@ def _clean_mask(mask: np.ndarray) -> np.ndarray:
         keep = sizes >= _SPECK_FRACTION * sizes.max()  # (count + 1,), background dropped
         kept[channel] = ndimage.binary_fill_holes(keep[labels])
     return kept
+
+
+def _scale_to_fit(image: torch.Tensor, size: tuple[int, ...], shape: tuple[int, ...]) -> Any:
+    """``image`` ``(C, *size)`` scaled by one factor per volume to fit within ``shape``."""
+    scale = min(m / n for n, m in zip(size, shape, strict=True))
+    # rounding could push an axis one voxel past the shape; the tightest axis lands on it
+    target = tuple(min(m, max(1, round(n * scale))) for n, m in zip(size, shape, strict=True))
+    if target == size:
+        return image
+    mode = "area" if scale < 1 else "trilinear"  # averaging when shrinking: no aliasing
+    return Resize(target, mode=mode)(image)
+
+
+def _voxel_mm(image: Any) -> tuple[float, ...]:
+    """Voxel size of a ``(C, X, Y, Z)`` image from its affine; 1 mm without one."""
+    if isinstance(image, MetaTensor):
+        return tuple(float(v) for v in affine_to_spacing(image.affine, r=3))
+    return (1.0, 1.0, 1.0)
 
 
 def _source_name(image: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 
 from enn_neuro.data.transforms import (
     AugmentationConfig,
+    FitToShaped,
     PreprocessingConfig,
     augmentation_transforms,
     preprocessing_transforms,
@@ -221,6 +224,72 @@ def test_crop_foreground_centres_an_off_centre_head(tmp_path):
     assert int((uncropped != 0).sum()) < 10 * 8 * 12  # the centre crop cuts the head
 
 
+# --- fitting a foreground larger than the output shape: Note [fit]
+
+
+def _head_with_neck(tmp_path: Path) -> Path:
+    """A foreground of 20 x 10 x 10 voxels of 2 mm: 40 mm long, for a 32 mm output."""
+    data = np.zeros((32, 32, 32))
+    data[4:24, 10:20, 10:20] = 100.0 + np.random.default_rng(0).normal(0, 5, (20, 10, 10))
+    return write(tmp_path / "long_head.nii.gz", data, ras_affine((2.0, 2.0, 2.0)))
+
+
+FIT_CONFIG = dataclasses.replace(CONFIG, spacing_mm=(2.0, 2.0, 2.0), shape=(16, 16, 16))
+
+
+def test_pad_crop_warns_naming_the_file_and_the_millimetres_cut(tmp_path, caplog):
+    path = _head_with_neck(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="enn_neuro.data.transforms"):
+        image = preprocess(path, FIT_CONFIG)["image"]
+    assert image.shape == (1, 16, 16, 16)
+    lo, hi = image[0].nonzero().amin(0), image[0].nonzero().amax(0)
+    assert (hi - lo + 1).tolist() == [16, 10, 10]  # 4 of 20 voxels cut along x
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        f"{path}: the foreground (40.0 x 20.0 x 20.0 mm) exceeds the output shape "
+        "(16, 16, 16); the centre crop cuts (8.0, 0.0, 0.0) mm per axis of it. Set "
+        "preprocessing.fit: resize, or a larger shape, to keep it whole"
+    )
+
+
+def test_pad_crop_is_silent_when_the_foreground_fits(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="enn_neuro.data.transforms"):
+        preprocess(_ras(tmp_path))  # a 30 x 34 x 26 mm head in 48 mm
+    assert not caplog.records
+
+
+def test_resize_scales_the_whole_foreground_into_the_shape(tmp_path, caplog):
+    config = dataclasses.replace(FIT_CONFIG, fit="resize")
+    with caplog.at_level(logging.WARNING, logger="enn_neuro.data.transforms"):
+        image = preprocess(_head_with_neck(tmp_path), config)["image"]
+    assert not caplog.records
+    assert image.shape == (1, 16, 16, 16)
+    lo, hi = image[0].nonzero().amin(0), image[0].nonzero().amax(0)
+    # 20 x 10 x 10 scaled by 0.8, aspect kept, then centred by the padding
+    assert lo.tolist() == [0, 4, 4] and hi.tolist() == [15, 11, 11]
+    voxel_mm = np.linalg.norm(image.affine[:3, :3].numpy(), axis=0)
+    np.testing.assert_allclose(voxel_mm, [2.5, 2.5, 2.5])
+
+
+@pytest.mark.parametrize(
+    ("size", "shape", "expected"),
+    [
+        ((20, 10, 10), (16, 16, 8), (16, 8, 8)),  # shrunk by the tightest axes
+        ((8, 4, 4), (16, 16, 16), (16, 8, 8)),  # grown until one axis touches
+        ((16, 12, 9), (16, 16, 16), (16, 12, 9)),  # already touching: unchanged
+    ],
+)
+def test_fit_resize_keeps_the_aspect_ratio(size, shape, expected):
+    image = MetaTensor(torch.rand(1, *size), affine=torch.eye(4))
+    out = FitToShaped("image", shape, "resize")({"image": image})["image"]
+    assert tuple(out.shape[1:]) == expected
+
+
+def test_fit_mode_is_checked():
+    with pytest.raises(ValueError, match=r"mode must be one of \('pad_crop', 'resize'\), got 'x'"):
+        FitToShaped("image", (8, 8, 8), "x")
+
+
 def rician_background(phantom_data: np.ndarray, sigma: float, seed: int) -> np.ndarray:
     """Magnitude of the phantom plus complex Gaussian noise: positive everywhere, as in MRI."""
     rng = np.random.default_rng(seed)
@@ -376,6 +445,7 @@ def test_empty_image_is_rejected(tmp_path):
         ("percentiles", (-1.0, 99.0)),
         ("crop_foreground", "yes"),
         ("foreground_fraction", 1.0),
+        ("fit", "stretch"),
     ],
 )
 def test_preprocessing_config_rejects_bad_values(field, value):
@@ -406,6 +476,7 @@ def test_fingerprint_is_stable_and_tracks_every_field():
         dataclasses.replace(base, percentiles=(1.0, 99.0)),
         dataclasses.replace(base, crop_foreground=False),
         dataclasses.replace(base, foreground_fraction=0.1),
+        dataclasses.replace(base, fit="resize"),
     ]
     fingerprints = {config.fingerprint() for config in changed}
     assert len(fingerprints) == len(changed) and base.fingerprint() not in fingerprints

@@ -250,11 +250,24 @@ class ImageDataConfig(_Section):
 
     @field_validator("crop_scale", "crop_ratio")
     @classmethod
-    def _interval(cls, value: tuple[float, float]) -> tuple[float, float]:
+    def _interval(cls, value: tuple[float, float], info) -> tuple[float, float]:
         low, high = value
-        if not 0 < low <= high:
-            raise ValueError(f"must be (low, high) with 0 < low <= high, got {value!r}")
+        # crop_scale is a share of the image's area: above 1 no crop box can ever fit
+        is_scale = info.field_name == "crop_scale"
+        if not (0 < low <= high < float("inf") and (high <= 1 or not is_scale)):
+            bound = " <= 1" if is_scale else ", both finite"
+            raise ValueError(f"must be (low, high) with 0 < low <= high{bound}, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _resize_covers_crop(self):
+        # checked here, not when the transforms are built: by then the study folder exists
+        if self.resize_size is not None and self.resize_size < self.image_size:
+            raise ValueError(
+                f"resize_size must be at least image_size ({self.image_size}), "
+                f"got {self.resize_size}"
+            )
+        return self
 
 
 class ImageConfig(_StudyBase):

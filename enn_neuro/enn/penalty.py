@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from enn_neuro.enn.layers import ENNLayer
@@ -118,31 +119,39 @@ def orthogonality_drift(model: nn.Module) -> dict[str, LayerDrift]:
 
 @torch.no_grad()
 def retract_(model: nn.Module) -> nn.Module:
-    """Projects every layer's Q and P back onto orthonormal matrices, in place.
+    """Makes every layer's Q and P orthonormal again, in place, keeping its weight.
 
-    Each factor is replaced by its nearest matrix with orthonormal columns (the polar factor
-    ``U Vᵀ`` of its SVD), and λ is then refitted so that ``Q diag(λ) Pᵀ`` is as close as
-    possible to the old weight in Frobenius norm: with orthonormal factors the best diagonal
-    is ``λ_i = q_iᵀ W p_i``. Columns keep their order and sign, so optimizer state (Adam's
-    moments) stays attached to the same eigen-direction. Meant as an optional hard
-    constraint after optimizer steps.
+    ``W = Q diag(λ) Pᵀ`` has rank at most r, so orthonormal factors that reproduce it exist:
+    with ``Q = Q₀ R_Q`` and ``P = P₀ R_P`` (QR) and the SVD ``R_Q diag(λ) R_Pᵀ = U S Vᵀ`` of
+    an r × r matrix, ``Q' = Q₀ U``, ``λ' = S``, ``P' = P₀ V`` give ``Q' diag(λ') P'ᵀ = W``.
+    The weight, hence the function, is kept up to rounding (computed in float64) however far
+    the factors had drifted. The new columns are then matched to the old ones (an assignment
+    on the overlaps of the old and new columns of Q and P) and signed so that each points
+    like the one it replaces, with λ negated where Q and P had to be flipped differently, so
+    that optimizer state (Adam's moments) stays attached to the same eigen-direction. Meant as
+    an optional hard constraint after optimizer steps.
+
+    The new factors are W's singular vectors, which W alone determines: where two |λ| are
+    close, a small drift turns them far within their plane (by about drift / gap), and the
+    new columns can lie far from the old ones although W is unchanged.
 
     Args:
         model: Any module.
 
     Returns:
         ``model``.
+
+    Raises:
+        ValueError: If a layer's factors hold NaN or infinite values; that layer and the
+            ones after it are left as they were.
     """
-    for _, layer in enn_layers(model):
-        Q, lam, P = layer.Q.double(), layer.lam.double(), layer.P.double()
-        Q_new, P_new = _polar(Q), _polar(P)
-        # diag(Q_newᵀ · Q diag(λ) Pᵀ · P_new) without forming the (out, fan_in) weight
-        left = Q_new.T @ Q  # (r, r)
-        right = P.T @ P_new  # (r, r)
-        lam_new = torch.einsum("ij,j,ji->i", left, lam, right)  # (r,)
-        layer.Q.copy_(Q_new)
-        layer.P.copy_(P_new)
-        layer.lam.copy_(lam_new)
+    for name, layer in enn_layers(model):
+        Q, lam, P = _orthonormal_factors(
+            layer.Q.double(), layer.lam.double(), layer.P.double(), name
+        )
+        layer.Q.copy_(Q)
+        layer.lam.copy_(lam)
+        layer.P.copy_(P)  # copy_ keeps P's transposed layout (Note [P layout] in layers.py)
     return model
 
 
@@ -209,7 +218,57 @@ def _gram_distance(factor: torch.Tensor) -> float:
     return torch.linalg.matrix_norm(gram - eye).item()
 
 
-def _polar(matrix: torch.Tensor) -> torch.Tensor:
-    """Nearest matrix with orthonormal columns (Frobenius norm): ``U Vᵀ`` from the SVD."""
-    U, _, Vh = torch.linalg.svd(matrix, full_matrices=False)
-    return U @ Vh
+def _orthonormal_factors(
+    Q: torch.Tensor, lam: torch.Tensor, P: torch.Tensor, layer_name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Orthonormal ``Q'``, ``P'`` and a ``λ'`` with the same product, in the old columns' order.
+
+    Args:
+        Q: ``(out, r)``.
+        lam: ``(r,)``.
+        P: ``(fan_in, r)``.
+        layer_name: For the error message.
+
+    Returns:
+        ``Q'`` ``(out, r)``, ``λ'`` ``(r,)``, ``P'`` ``(fan_in, r)`` with
+        ``Q' diag(λ') P'ᵀ = Q diag(λ) Pᵀ``.
+
+    Raises:
+        ValueError: If the factors are not finite.
+    """
+    # a diverged layer: the SVD would fail with a message that names no layer
+    if not all(torch.isfinite(factor).all() for factor in (Q, lam, P)):
+        raise ValueError(f"cannot retract layer {layer_name!r}: Q, λ or P is not finite")
+
+    # orthonormal bases of the column spaces: Q = Q_basis R_Q, P = P_basis R_P
+    Q_basis, R_Q = torch.linalg.qr(Q)  # (out, r), (r, r)
+    P_basis, R_P = torch.linalg.qr(P)  # (fan_in, r), (r, r)
+
+    # W = Q_basis (R_Q diag(λ) R_Pᵀ) P_basisᵀ: the SVD of the small core is that of W
+    U, S, Vh = torch.linalg.svd((R_Q * lam) @ R_P.T)  # (r, r), (r,), (r, r)
+    Q_new, P_new = Q_basis @ U, P_basis @ Vh.T  # (out, r), (fan_in, r)
+
+    # same order as the old columns: the SVD sorts by singular value, the old λ need not be
+    # sorted, and a step can swap two nearly equal ones
+    overlap = _column_cosines(Q, Q_new) + _column_cosines(P, P_new)  # (r, r), old × new
+    # the assignment runs on the host: one r × r copy per layer, about a millisecond at r = 512
+    _, order = linear_sum_assignment(overlap.cpu().numpy(), maximize=True)
+    order = torch.as_tensor(order, device=Q.device)
+    Q_new, lam_new, P_new = Q_new[:, order], S[order], P_new[:, order]
+
+    # same signs: each new column of Q and P points like the old one; λ absorbs the flips
+    q_sign = _sign_of_overlap(Q, Q_new)  # (r,)
+    p_sign = _sign_of_overlap(P, P_new)  # (r,)
+    return Q_new * q_sign, lam_new * (q_sign * p_sign), P_new * p_sign
+
+
+def _column_cosines(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``|cos|`` between every old column and every new (unit) column, ``(r, r)``."""
+    norms = old.norm(dim=0).clamp_min(torch.finfo(old.dtype).tiny)  # (r,)
+    return (old.T @ new).abs() / norms[:, None]
+
+
+def _sign_of_overlap(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """+1 where column i of ``new`` points like column i of ``old`` (or is orthogonal), else −1."""
+    overlap = (old * new).sum(dim=0)  # (r,)
+    return torch.where(overlap < 0, -1.0, 1.0).to(new.dtype)

@@ -63,9 +63,14 @@ class TestPenalty:
         model = _model()
         with torch.no_grad():
             model[0].P.mul_(1.2)
+            model[3].Q.mul_(0.9)
         orthogonality_penalty(model).backward()
         assert model[0].P.grad.abs().sum() > 0
-        assert model[0].lam.grad is None
+        assert model[3].Q.grad.abs().sum() > 0
+        # Q scaled by 0.9: ∇ = 4 Q (QᵀQ − I) = 4 · 0.9 · (0.81 − 1) · Q₀
+        expected = 4 * 0.9 * (0.81 - 1) * (model[3].Q.detach() / 0.9)
+        assert relative_error(model[3].Q.grad, expected) < 1e-5
+        assert model[0].lam.grad is None and model[3].lam.grad is None
 
     def test_model_without_enn_layers_has_zero_penalty(self):
         assert orthogonality_penalty(nn.Linear(3, 3)).item() == 0.0
@@ -83,47 +88,113 @@ class TestDrift:
         assert drift["0"].q < 1e-5 and drift["0"].p < 1e-5
 
 
+def _perturb_(layer, scale: float) -> None:
+    with torch.no_grad():
+        layer.Q.add_(scale * torch.randn_like(layer.Q))
+        layer.P.add_(scale * torch.randn_like(layer.P))
+
+
+def _max_drift(model) -> float:
+    return max(max(d) for d in orthogonality_drift(model).values())
+
+
 class TestRetraction:
-    def test_brings_drift_below_1e5_and_keeps_the_weight_close(self):
+    @pytest.mark.parametrize("scale", [0.01, 0.5])
+    def test_brings_drift_below_1e5_and_keeps_the_weight(self, scale):
         model = _model()
-        with torch.no_grad():
-            for module in (model[0], model[2], model[3]):
-                module.Q.add_(0.01 * torch.randn_like(module.Q))
-                module.P.add_(0.01 * torch.randn_like(module.P))
-        weights_before = [m.weight.detach().clone() for m in (model[0], model[2], model[3])]
-        assert max(max(d) for d in orthogonality_drift(model).values()) > 1e-2
+        layers = (model[0], model[2], model[3])
+        for layer in layers:
+            _perturb_(layer, scale)
+        weights_before = [m.weight.detach().clone() for m in layers]
+        assert _max_drift(model) > scale
 
         retract_(model)
 
-        assert max(max(d) for d in orthogonality_drift(model).values()) < 1e-5
-        for module, before in zip((model[0], model[2], model[3]), weights_before, strict=True):
-            assert relative_error(module.weight, before) < 0.05
+        assert _max_drift(model) < 1e-5
+        for layer, before in zip(layers, weights_before, strict=True):
+            assert relative_error(layer.weight, before) < 1e-6
 
-    def test_keeps_an_orthonormal_layer_exactly(self):
-        layer = ENNConv3d(4, 8, 3)
+    @pytest.mark.parametrize(
+        "make_layer",
+        [
+            lambda: ENNConv2d(16, 32, 3, rank=5),  # rank below min(out, fan_in) = 32
+            lambda: ENNConv3d(8, 8, 3, groups=4),  # grouped: fan_in 2 · 27
+            lambda: ENNLinear(40, 10, dtype=torch.float64),
+        ],
+        ids=["low_rank", "grouped", "float64"],
+    )
+    def test_keeps_the_weight_of_every_layer_kind(self, make_layer):
+        layer = make_layer()
+        _perturb_(layer, 0.5)
+        before = layer.weight.detach().clone()
+        retract_(layer)
+        tolerance = 1e-12 if layer.Q.dtype == torch.float64 else 1e-6
+        assert relative_error(layer.weight, before) < tolerance
+        assert _max_drift(layer) < (1e-12 if layer.Q.dtype == torch.float64 else 1e-5)
+        assert layer.P.T.is_contiguous()  # Note [P layout] survives the copy
+
+    def test_keeps_a_weight_of_lower_rank_than_its_factors(self):
+        layer = ENNLinear(12, 8)
+        with torch.no_grad():
+            layer.lam[[1, 5]] = 0.0  # W has rank 6 < r = 8
+        _perturb_(layer, 0.1)
         before = layer.weight.detach().clone()
         retract_(layer)
         assert relative_error(layer.weight, before) < 1e-6
+        assert _max_drift(layer) < 1e-5
 
-    def test_lambda_is_the_best_diagonal_for_the_new_factors(self):
-        layer = ENNLinear(12, 6)
+    def test_keeps_an_orthonormal_layer_exactly(self):
+        layer = ENNConv3d(4, 8, 3)
+        before = {name: getattr(layer, name).detach().clone() for name in ("Q", "lam", "P")}
+        retract_(layer)
+        for name, value in before.items():
+            assert relative_error(getattr(layer, name), value) < 1e-6, name
+
+    def test_keeps_unsorted_lambda_flipped_signs_and_negative_lambda_in_place(self):
+        # an orthonormal layer whose λ is out of order, with some columns of Q and P flipped
+        # and negative λ: the SVD would sort and re-sign them, the retraction must not
+        layer = ENNLinear(10, 7)
         with torch.no_grad():
-            layer.Q.add_(0.05 * torch.randn_like(layer.Q))
+            layer.lam.copy_(torch.tensor([0.3, -1.2, 2.0, 0.7, -0.1, 1.5, 0.9]))
+            layer.Q[:, [0, 3]] *= -1
+            layer.P[:, [3, 6]] *= -1
+        before = {name: getattr(layer, name).detach().clone() for name in ("Q", "lam", "P")}
+        retract_(layer)
+        for name, value in before.items():
+            assert relative_error(getattr(layer, name), value) < 1e-6, name
+
+    def test_keeps_column_order_and_signs_after_a_step(self):
+        # distinct |λ|, shuffled, some negative: equal |λ| would leave W's singular vectors,
+        # hence the new columns, free to turn within their plane
+        layer = ENNLinear(16, 10)
+        with torch.no_grad():
+            layer.lam.copy_(torch.tensor([0.4, -2.2, 1.0, 3.0, -0.7, 1.6, 2.6, -1.3, 0.2, 1.9]))
+        _perturb_(layer, 0.01)
+        Q, lam, P = (getattr(layer, name).detach().clone() for name in ("Q", "lam", "P"))
+        retract_(layer)
+        # each new column is nearest to the old one in its place and points the same way
+        for old, new in ((Q, layer.Q), (P, layer.P)):
+            similarity = old.T @ new  # (r, r)
+            assert torch.equal(similarity.abs().argmax(dim=0), torch.arange(10))
+            assert torch.all(torch.diagonal(similarity) > 0.9)
+        assert torch.equal(torch.sign(layer.lam), torch.sign(lam))
+
+    def test_non_finite_factors_are_named(self):
+        model = _model()
+        with torch.no_grad():
+            model[2].P[0, 0] = float("nan")
+        with pytest.raises(ValueError, match="cannot retract layer '2': Q, λ or P is not finite"):
+            retract_(model)
+
+    def test_new_factors_diagonalise_the_old_weight(self):
+        # Q'ᵀ W P' = diag(λ'): λ' is still the least-squares diagonal for Q', P', and the
+        # factors are W's own singular vectors (up to order and sign)
+        layer = ENNLinear(12, 6)
+        _perturb_(layer, 0.3)
         target = layer.weight.detach().double()
         retract_(layer)
-        # least squares over diagonals: λ_i = q_iᵀ W p_i for orthonormal q_i, p_i
-        expected = torch.einsum("oi,of,fi->i", layer.Q.double(), target, layer.P.double())
-        assert relative_error(layer.lam, expected) < 1e-5
-
-    def test_keeps_column_order(self):
-        layer = ENNLinear(10, 10)
-        with torch.no_grad():
-            layer.Q.add_(0.01 * torch.randn_like(layer.Q))
-        before = layer.Q.detach().clone()
-        retract_(layer)
-        # each column stays the nearest: the diagonal of before·after dominates
-        similarity = (before.T @ layer.Q).abs()
-        assert torch.equal(similarity.argmax(dim=1), torch.arange(10))
+        core = layer.Q.double().T @ target @ layer.P.double()  # (r, r)
+        assert relative_error(core, torch.diag(layer.lam.double())) < 1e-6
 
 
 class TestScheduledPenalty:

@@ -9,6 +9,7 @@ loads into the plain architecture built by the registry with ``layer="plain"``.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -48,9 +49,13 @@ def to_enn(model: nn.Module, rank: int | None = None, inplace: bool = False) -> 
     """Turns every Linear and Conv1d/2d/3d of ``model`` into its ENN twin.
 
     Each new layer holds the economy SVD of the old weight, so the model computes the same
-    function (exactly, up to float rounding) when ``rank`` is ``None``. Subclasses of the
-    torch layers (e.g. quantised or lazy layers) are left alone, as are layers that are
-    already ENN.
+    function (exactly, up to float rounding) when ``rank`` is ``None``. A frozen layer stays
+    frozen: Q, λ and P take the ``requires_grad`` of the weight, the bias keeps its own.
+
+    Only the exact types ``nn.Linear`` and ``nn.Conv1d/2d/3d`` are converted. A subclass may
+    compute something else or read its weight directly (``nn.MultiheadAttention`` does so
+    with its ``out_proj``), so subclasses are left alone with a warning that names them, as
+    are layers that are already ENN.
 
     Args:
         model: Any module, or a single layer.
@@ -60,7 +65,22 @@ def to_enn(model: nn.Module, rank: int | None = None, inplace: bool = False) -> 
 
     Returns:
         The converted model (``model`` itself when ``inplace``).
+
+    Warns:
+        UserWarning: Once, naming every subclass of a supported layer that was left as it is.
     """
+    skipped = [
+        f"{name or '<model>'} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if isinstance(m, tuple(_ENN_OF_PLAIN)) and type(m) not in _ENN_OF_PLAIN
+    ]
+    if skipped:
+        warnings.warn(
+            f"to_enn left {len(skipped)} layer(s) unconverted: {', '.join(skipped)}. Each "
+            "subclasses a torch layer without being one: its forward pass, or code that reads "
+            "its weight directly, may not work with an ENN layer. Convert by hand where safe.",
+            stacklevel=2,
+        )
     model = model if inplace else copy.deepcopy(model)
     return _replace(model, lambda m: _enn_from_plain(m, rank) if type(m) in _ENN_OF_PLAIN else m)
 
@@ -74,6 +94,7 @@ def to_plain(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     Returns:
         The fused model: same function, plain layers, parameter names ``weight``/``bias``.
+        The weight requires a gradient if any of Q, λ, P did; the bias keeps its own flag.
     """
     model = model if inplace else copy.deepcopy(model)
     return _replace(model, lambda m: _plain_from_enn(m) if isinstance(m, ENNLayer) else m)
@@ -108,7 +129,7 @@ def _enn_from_plain(layer: nn.Module, rank: int | None) -> ENNLayer:
     if isinstance(layer, nn.Linear):
         full_rank = min(layer.in_features, layer.out_features)
         new_rank = None if rank is None else min(rank, full_rank)
-        enn = enn_class(layer.in_features, layer.out_features, has_bias, new_rank, **factory)
+        enn = enn_class(layer.in_features, layer.out_features, has_bias, rank=new_rank, **factory)
     else:
         fan_in = layer.weight[0].numel()
         new_rank = None if rank is None else min(rank, layer.out_channels, fan_in)
@@ -126,6 +147,11 @@ def _enn_from_plain(layer: nn.Module, rank: int | None) -> ENNLayer:
     enn.set_weight_(layer.weight)
     if has_bias:
         enn.bias.copy_(layer.bias)
+    # a frozen layer stays frozen (fine-tuning a pretrained backbone, for one)
+    for factor in (enn.Q, enn.lam, enn.P):
+        factor.requires_grad_(layer.weight.requires_grad)
+    if has_bias:
+        enn.bias.requires_grad_(layer.bias.requires_grad)
     enn.train(layer.training)
     return enn
 
@@ -150,6 +176,10 @@ def _plain_from_enn(layer: ENNLayer) -> nn.Module:
     plain.weight.copy_(layer.weight)
     if has_bias:
         plain.bias.copy_(layer.bias)
+    # the fused weight is trainable if any of its factors was
+    plain.weight.requires_grad_(any(f.requires_grad for f in (layer.Q, layer.lam, layer.P)))
+    if has_bias:
+        plain.bias.requires_grad_(layer.bias.requires_grad)
     plain.train(layer.training)
     return plain
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -73,6 +75,42 @@ class TestToEnn:
         enn = to_enn(model)
         assert not enn[0].training and enn[0].Q.device == torch.device("cpu")
 
+    def test_keeps_requires_grad_of_weight_and_bias(self):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1), nn.Linear(4, 2))
+        model[0].requires_grad_(False)  # a frozen layer
+        model[1].bias.requires_grad_(False)  # a frozen bias under a trained weight
+        model[2].weight.requires_grad_(False)  # a frozen weight under a trained bias
+        enn = to_enn(model)
+        flags = {name: p.requires_grad for name, p in enn.named_parameters()}
+        assert flags == {
+            "0.Q": False, "0.lam": False, "0.P": False, "0.bias": False,
+            "1.Q": True, "1.lam": True, "1.P": True, "1.bias": False,
+            "2.Q": False, "2.lam": False, "2.P": False, "2.bias": True,
+        }  # fmt: skip
+
+    def test_warns_once_naming_skipped_subclasses(self):
+        class ScaledLinear(nn.Linear):
+            def forward(self, x):
+                return 2 * super().forward(x)
+
+        model = nn.Sequential(
+            nn.Linear(8, 8), ScaledLinear(8, 8), nn.MultiheadAttention(8, 2), nn.Conv1d(1, 1, 1)
+        )
+        with pytest.warns(UserWarning) as record:
+            enn = to_enn(model)
+        assert len(record) == 1
+        message = str(record[0].message)
+        assert "to_enn left 2 layer(s) unconverted: 1 (ScaledLinear), " in message
+        assert "2.out_proj (NonDynamicallyQuantizableLinear)" in message
+        assert record[0].filename == __file__  # points at the caller
+        assert type(enn[1]) is ScaledLinear and type(enn[2].out_proj) is type(model[2].out_proj)
+        assert isinstance(enn[0], ENNLinear) and isinstance(enn[3], ENNLayer)
+
+    def test_does_not_warn_when_every_layer_is_converted(self):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            to_enn(_mixed_model())
+
 
 class TestToPlain:
     def test_round_trip_preserves_outputs(self):
@@ -81,6 +119,19 @@ class TestToPlain:
         fused = to_plain(to_enn(model))
         assert not any(isinstance(m, ENNLayer) for m in fused.modules())
         assert relative_error(fused(x), model(x)) < 1e-5
+
+    def test_weight_requires_grad_if_any_factor_does(self):
+        model = nn.Sequential(ENNLinear(4, 4), ENNLinear(4, 4), ENNLinear(4, 2))
+        model[0].requires_grad_(False)
+        model[1].lam.requires_grad_(False)  # Q and P still train
+        model[2].bias.requires_grad_(False)
+        fused = to_plain(model)
+        flags = {name: p.requires_grad for name, p in fused.named_parameters()}
+        assert flags == {
+            "0.weight": False, "0.bias": False,
+            "1.weight": True, "1.bias": True,
+            "2.weight": True, "2.bias": False,
+        }  # fmt: skip
 
     def test_keeps_layer_arguments(self):
         enn = ENNConv2d(4, 8, 3, stride=2, padding=1, dilation=1, groups=2, padding_mode="circular")

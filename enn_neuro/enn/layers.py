@@ -83,7 +83,8 @@ class ENNLayer(nn.Module):
         lam: Spectrum λ, ``(r,)``.
         P: Right factor, ``(fan_in, r)``.
         bias: ``(out,)`` or ``None``.
-        forward_mode: A :class:`ForwardMode`; ``"auto"`` by default.
+        forward_mode: A :class:`ForwardMode`; ``"auto"`` by default. Assigning a string
+            checks it at once.
     """
 
     spatial_dims: int = 0
@@ -95,6 +96,7 @@ class ENNLayer(nn.Module):
         kernel_size: Sequence[int],
         groups: int,
         bias: bool,
+        *,
         rank: int | None,
         device: torch.device | str | None,
         dtype: torch.dtype | None,
@@ -177,6 +179,22 @@ class ENNLayer(nn.Module):
         self.P.copy_(Vh[:r].T)  # (fan_in, r)
         return self
 
+    # the forward mode
+
+    @property
+    def forward_mode(self) -> ForwardMode:
+        """How the forward pass is computed: ``"auto"``, ``"dense"`` or ``"factored"``.
+
+        Raises:
+            ValueError: On assignment of any other value.
+        """
+        return self._forward_mode
+
+    @forward_mode.setter
+    def forward_mode(self, mode: ForwardMode | str) -> None:
+        # checked here rather than in forward(): the error then points at the assignment
+        self._forward_mode = parse_choice(ForwardMode, mode, "forward_mode")
+
     # the weight
 
     @property
@@ -194,7 +212,7 @@ class ENNLayer(nn.Module):
         return self._apply_kernel(x, self.weight, self.bias)
 
     def _use_factored(self, x: torch.Tensor) -> bool:
-        mode = ForwardMode(self.forward_mode)
+        mode = self._forward_mode
         if mode is ForwardMode.DENSE or self.groups != 1:
             # grouped convolutions would need one copy of P per group: always rebuild W
             return False
@@ -234,9 +252,10 @@ class ENNLinear(ENNLayer):
         in_features: Size of each input sample.
         out_features: Size of each output sample.
         bias: Whether to learn an additive bias.
-        rank: Number of eigen-directions kept; ``min(in, out)`` when ``None``.
         device: Device of the parameters.
         dtype: Dtype of the parameters.
+        rank: Number of eigen-directions kept; ``min(in, out)`` when ``None``. Keyword-only,
+            so that positional arguments mean what they mean for :class:`torch.nn.Linear`.
 
     Example:
         >>> layer = ENNLinear(16, 4)
@@ -251,11 +270,14 @@ class ENNLinear(ENNLayer):
         in_features: int,
         out_features: int,
         bias: bool = True,
-        rank: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        rank: int | None = None,
     ) -> None:
-        super().__init__(in_features, out_features, (), 1, bias, rank, device, dtype)
+        super().__init__(
+            in_features, out_features, (), 1, bias, rank=rank, device=device, dtype=dtype
+        )
 
     @property
     def in_features(self) -> int:
@@ -291,9 +313,10 @@ class _ENNConvNd(ENNLayer):
         groups: int = 1,
         bias: bool = True,
         padding_mode: str = "zeros",
-        rank: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        rank: int | None = None,
     ) -> None:
         d = self.spatial_dims
         kernel_size = _ntuple(kernel_size, d, "kernel_size", minimum=1)
@@ -310,7 +333,16 @@ class _ENNConvNd(ENNLayer):
         else:
             self.padding = _ntuple(padding, d, "padding", minimum=0)
         self.padding_mode = parse_choice(_PaddingMode, padding_mode, "padding_mode").value
-        super().__init__(in_channels, out_channels, kernel_size, groups, bias, rank, device, dtype)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            groups,
+            bias,
+            rank=rank,
+            device=device,
+            dtype=dtype,
+        )
         self._explicit_padding = self._padding_per_side()
 
     def _padding_per_side(self) -> tuple[int, ...]:
@@ -364,7 +396,8 @@ class _ENNConvNd(ENNLayer):
 class ENNConv1d(_ENNConvNd):
     """Drop-in replacement for :class:`torch.nn.Conv1d` with W = Q·diag(λ)·Pᵀ.
 
-    Takes the same arguments as :class:`torch.nn.Conv1d`, plus ``rank``. Input ``(B, C, L)``.
+    Takes the same arguments as :class:`torch.nn.Conv1d`, in the same positions, plus the
+    keyword-only ``rank``. Input ``(B, C, L)``.
     """
 
     spatial_dims = 1
@@ -373,7 +406,8 @@ class ENNConv1d(_ENNConvNd):
 class ENNConv2d(_ENNConvNd):
     """Drop-in replacement for :class:`torch.nn.Conv2d` with W = Q·diag(λ)·Pᵀ.
 
-    Takes the same arguments as :class:`torch.nn.Conv2d`, plus ``rank``. Input ``(B, C, H, W)``.
+    Takes the same arguments as :class:`torch.nn.Conv2d`, in the same positions, plus the
+    keyword-only ``rank``. Input ``(B, C, H, W)``.
     """
 
     spatial_dims = 2
@@ -382,8 +416,8 @@ class ENNConv2d(_ENNConvNd):
 class ENNConv3d(_ENNConvNd):
     """Drop-in replacement for :class:`torch.nn.Conv3d` with W = Q·diag(λ)·Pᵀ.
 
-    The workhorse of the 3D pipeline. Takes the same arguments as :class:`torch.nn.Conv3d`,
-    plus ``rank``. Input ``(B, C, D, H, W)``.
+    The workhorse of the 3D pipeline. Takes the same arguments as :class:`torch.nn.Conv3d`, in
+    the same positions, plus the keyword-only ``rank``. Input ``(B, C, D, H, W)``.
 
     Example:
         >>> conv = ENNConv3d(1, 8, kernel_size=3, padding="same")

@@ -1,39 +1,43 @@
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from enn_neuro.enn import ENNConv1d, ENNConv2d, ENNConv3d, ENNLinear
+from enn_neuro.enn import ENNConv1d, ENNConv2d, ENNConv3d, ENNLinear, ForwardMode
 from tests.conftest import relative_error
 
-CONVS = {
-    1: (ENNConv1d, nn.Conv1d, F.conv1d),
-    2: (ENNConv2d, nn.Conv2d, F.conv2d),
-    3: (ENNConv3d, nn.Conv3d, F.conv3d),
-}
+CONVS = {1: (ENNConv1d, nn.Conv1d), 2: (ENNConv2d, nn.Conv2d), 3: (ENNConv3d, nn.Conv3d)}
 MODES = ["dense", "factored", "auto"]
 
 
-def _reference_conv(layer, x, functional):
-    """The torch convolution with the layer's reconstructed weight."""
-    weight = layer.weight
-    if layer.padding_mode != "zeros":
-        x = F.pad(x, layer._explicit_padding, mode=layer.padding_mode)
-        return functional(x, weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups)
-    return functional(
-        x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups
-    )
+def _torch_twin(layer, torch_class, *args, **kwargs) -> nn.Module:
+    """The torch layer built with the same arguments, holding the ENN layer's weight and bias."""
+    twin = torch_class(*args, **kwargs)
+    with torch.no_grad():
+        twin.weight.copy_(layer.weight)
+        if layer.bias is not None:
+            twin.bias.copy_(layer.bias)
+    return twin
+
+
+def _random_bias_(layer) -> None:
+    # a bias is initialised at zero: a random one makes its place in the output visible
+    if layer.bias is not None:
+        with torch.no_grad():
+            layer.bias.normal_()
 
 
 class TestForward:
     @pytest.mark.parametrize("mode", MODES)
-    def test_linear_equals_f_linear_with_reconstructed_weight(self, mode):
+    def test_linear_equals_torch_linear_with_the_same_weight(self, mode):
         layer = ENNLinear(12, 5)
+        _random_bias_(layer)
         layer.forward_mode = mode
         x = torch.randn(3, 7, 12)
-        expected = F.linear(x, layer.weight, layer.bias)
+        expected = _torch_twin(layer, nn.Linear, 12, 5)(x)
         assert layer(x).shape == (3, 7, 5)
         assert relative_error(layer(x), expected) < 1e-5
 
@@ -50,26 +54,33 @@ class TestForward:
             {"kernel_size": 3, "padding": 1, "padding_mode": "reflect"},
             {"kernel_size": 2, "padding": "same", "padding_mode": "circular"},
             {"kernel_size": 3, "padding": 2, "padding_mode": "replicate", "stride": 2},
+            # even kernels with "same": torch puts the odd pixel of padding on the far side
+            {"kernel_size": 4, "padding": "same"},
+            {"kernel_size": 4, "padding": "same", "padding_mode": "reflect"},
+            {"kernel_size": 2, "padding": "same", "dilation": 3, "padding_mode": "replicate"},
         ],
     )
-    def test_conv_equals_functional_conv_with_reconstructed_weight(self, dims, mode, kwargs):
-        enn_class, torch_class, functional = CONVS[dims]
+    # torch's note that "same" with an even kernel may pad a copy of the input
+    @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+    def test_conv_equals_torch_conv_with_the_same_weight(self, dims, mode, kwargs):
+        enn_class, torch_class = CONVS[dims]
         layer = enn_class(4, 6, **kwargs)
+        _random_bias_(layer)
         layer.forward_mode = mode
         x = torch.randn(2, 4, *[9] * dims)
-        expected = _reference_conv(layer, x, functional)
+        expected = _torch_twin(layer, torch_class, 4, 6, **kwargs)(x)
+        assert layer(x).shape == expected.shape
         assert relative_error(layer(x), expected) < 1e-5
-        # same output shape as the torch layer with the same arguments
-        assert layer(x).shape == torch_class(4, 6, **kwargs)(x).shape
 
     @pytest.mark.parametrize("dims", [1, 2, 3])
-    def test_depthwise_conv_matches_torch_layer_shape_and_function(self, dims):
-        enn_class, torch_class, functional = CONVS[dims]
+    def test_depthwise_conv_equals_torch_conv(self, dims):
+        enn_class, torch_class = CONVS[dims]
         layer = enn_class(8, 8, 3, padding=1, groups=8)
+        _random_bias_(layer)
         assert layer.fan_in == 3**dims and layer.rank == min(8, 3**dims)
         x = torch.randn(2, 8, *[7] * dims)
-        assert relative_error(layer(x), _reference_conv(layer, x, functional)) < 1e-5
-        assert layer.weight.shape == torch_class(8, 8, 3, groups=8).weight.shape
+        expected = _torch_twin(layer, torch_class, 8, 8, 3, padding=1, groups=8)(x)
+        assert relative_error(layer(x), expected) < 1e-5
 
     def test_low_rank_weight_has_that_rank(self):
         layer = ENNConv2d(16, 32, 3, rank=5)
@@ -172,8 +183,50 @@ class TestBadArguments:
         with pytest.raises(ValueError, match=message):
             ENNConv3d(**arguments)
 
-    def test_bad_forward_mode_is_named(self):
+    def test_bad_forward_mode_is_named_at_assignment(self):
         layer = ENNLinear(3, 2)
-        layer.forward_mode = "fast"
-        with pytest.raises(ValueError, match="'fast' is not a valid ForwardMode"):
-            layer(torch.randn(1, 3))
+        layer.forward_mode = "dense"
+        with pytest.raises(
+            ValueError,
+            match=r"forward_mode must be one of \['auto', 'dense', 'factored'\], got 'fast'",
+        ):
+            layer.forward_mode = "fast"
+        assert layer.forward_mode is ForwardMode.DENSE  # the bad value was not kept
+
+    def test_forward_mode_string_becomes_the_enum(self):
+        layer = ENNConv2d(3, 4, 3)
+        assert layer.forward_mode is ForwardMode.AUTO
+        layer.forward_mode = "factored"
+        assert layer.forward_mode is ForwardMode.FACTORED
+
+
+class TestSignature:
+    @pytest.mark.parametrize(
+        ("enn_class", "torch_class"),
+        [(ENNLinear, nn.Linear), *CONVS.values()],
+        ids=["linear", "conv1d", "conv2d", "conv3d"],
+    )
+    def test_positional_arguments_are_torch_s_and_rank_is_keyword_only(
+        self, enn_class, torch_class
+    ):
+        def positional(cls):
+            parameters = inspect.signature(cls.__init__).parameters.values()
+            return [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD][1:]
+
+        assert positional(enn_class) == positional(torch_class)
+        rank = inspect.signature(enn_class.__init__).parameters["rank"]
+        assert rank.kind is rank.KEYWORD_ONLY
+
+    def test_torch_s_positional_call_builds_the_same_layer(self):
+        arguments = (4, 8, 3, 1, 1, 1, 2, False, "zeros", "cpu", torch.float64)
+        layer, twin = ENNConv3d(*arguments), nn.Conv3d(*arguments)
+        assert layer.Q.dtype == torch.float64 and layer.bias is None
+        assert (layer.padding, layer.groups) == (twin.padding, twin.groups)
+        assert layer.weight.shape == twin.weight.shape
+        linear = ENNLinear(6, 3, False, "cpu", torch.float64)
+        assert linear.Q.dtype == torch.float64 and linear.bias is None
+
+    def test_rank_cannot_be_passed_by_position(self):
+        with pytest.raises(TypeError):
+            ENNLinear(6, 3, True, None, None, 2)
+        assert ENNLinear(6, 3, rank=2).rank == 2

@@ -105,6 +105,9 @@ class LocalHead(nn.Module):
 class LocalBlock(nn.Module):
     """A run of consecutive units and the head that scores their output.
 
+    The block detaches its input, so its loss trains its own units and head and nothing
+    before it, whoever calls it.
+
     Attributes:
         body: The units, in order (shared with the model).
         head: A :class:`LocalHead`, or the model's classifier for the last block.
@@ -118,8 +121,13 @@ class LocalBlock(nn.Module):
         self.unit_names = list(unit_names)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the block's features (the next block's input) and its head's logits."""
-        features = self.body(x)
+        """Returns the block's features (the next block's input) and its head's logits.
+
+        Args:
+            x: The previous block's features (or the images), ``(B, C, *S)``; detached here.
+        """
+        # the boundary of local training: no gradient flows back into the previous block
+        features = self.body(x.detach())
         return features, self.head(features)
 
 
@@ -167,7 +175,8 @@ def split_model(
 
     The blocks share their units with ``model``: training the blocks trains the model, and
     ``model.state_dict()`` still describes the whole network (the heads of the inner blocks
-    are new modules and have their own parameters).
+    are new modules and have their own parameters). The new heads take the device and dtype
+    of the model's parameters.
 
     Args:
         model: A model with ``units()`` and a ``spec`` (:class:`LayerSpec`).
@@ -182,6 +191,7 @@ def split_model(
     starts = cut_points(model, cut)
     ends = [*starts[1:], len(units) - 1]
     num_classes = units[-1].out_channels
+    device, dtype = _device_and_dtype(model)
     blocks = []
     for start, end in zip(starts, ends, strict=True):
         members = units[start:end]
@@ -192,9 +202,21 @@ def split_model(
             block_head = LocalHead(
                 members[-1].out_channels, num_classes, model.spec, head, hidden_channels
             )
-            init_weights_(block_head)
+            # drawn on the default device, where create_model draws the model before the
+            # learner moves it, so that a seed gives the same heads whatever the training
+            # device; drawn in the model's dtype, so that an ENN head's factors are
+            # orthonormal to that precision
+            init_weights_(block_head.to(dtype=dtype)).to(device=device)
         blocks.append(LocalBlock(body, block_head, [u.name for u in members]))
     return nn.ModuleList(blocks)
+
+
+def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the model's first parameter (the defaults if none)."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.device, parameter.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
 
 
 def _units_of(model: nn.Module) -> list[Unit]:

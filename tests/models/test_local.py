@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from enn_neuro.enn import ENNLayer, orthogonality_penalty
 from enn_neuro.models import LocalHead, create_model, cut_points, split_model
@@ -51,13 +52,44 @@ class TestSplitModel:
         body_parameters = {id(p) for b in blocks for p in b.body.parameters()}
         assert body_parameters <= model_parameters
 
-    def test_detached_input_keeps_gradients_inside_a_block(self, model):
-        blocks = split_model(model.train(), [0, 5])
-        features, _ = blocks[0](torch.randn(2, 1, 32, 32, 32))
-        _, logits = blocks[1](features.detach())
-        logits.sum().backward()
+    def test_a_block_s_loss_trains_that_block_and_nothing_before_it(self, model):
+        # the blocks chained as a local step runs them, the features passed on as they are:
+        # the boundary is the block's own business
+        blocks = split_model(model.train(), [0, 3, 5])
+        images = torch.randn(2, 1, 32, 32, 32, requires_grad=True)
+        targets = torch.tensor([0, 2])
+        features, losses = images, []
+        for block in blocks:
+            features, logits = block(features)
+            losses.append(F.cross_entropy(logits, targets) + orthogonality_penalty(block))
+
+        # the middle block's loss: gradients in every one of its parameters, head included
+        losses[1].backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in blocks[1].parameters())
         assert all(p.grad is None for p in blocks[0].parameters())
-        assert all(p.grad is not None for p in blocks[1].body.parameters())
+        assert images.grad is None
+        # the last block's units come later in the network: untouched as well
+        assert all(p.grad is None for p in blocks[2].parameters())
+
+        # the first block's loss then reaches its own parameters and leaves block 1's alone
+        middle_grads = [p.grad.clone() for p in blocks[1].parameters()]
+        losses[0].backward()
+        assert all(p.grad is not None for p in blocks[0].parameters())
+        for parameter, before in zip(blocks[1].parameters(), middle_grads, strict=True):
+            assert torch.equal(parameter.grad, before)
+
+    def test_heads_take_the_device_and_dtype_of_the_model(self, model):
+        # float64 stands in for a GPU: a head left at the defaults would be float32
+        blocks = split_model(model.double(), "stage", head="conv_pool_linear")
+        for block in blocks:
+            assert {p.dtype for p in block.parameters()} == {torch.float64}
+            assert {b.dtype for b in block.buffers() if b.is_floating_point()} <= {torch.float64}
+        assert orthogonality_penalty(blocks[0].head).item() < 1e-20  # initialised in float64
+        features, logits = blocks[0](torch.randn(2, 1, 32, 32, 32, dtype=torch.float64))
+        assert logits.dtype == torch.float64
+        # and a device other than the CPU's
+        meta_blocks = split_model(model.to("meta"), "stage")
+        assert {p.device.type for p in meta_blocks.parameters()} == {"meta"}
 
     def test_inner_heads_are_enn_and_count_in_the_penalty(self, model):
         blocks = split_model(model, "stage", head="conv_pool_linear")

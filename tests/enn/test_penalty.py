@@ -99,6 +99,65 @@ def _max_drift(model) -> float:
 
 
 class TestRetraction:
+    """The default retraction: nearest orthonormal factors, λ refitted (Note [retraction])."""
+
+    def test_brings_drift_below_1e5_and_moves_the_weight_by_about_the_drift(self):
+        model = _model()
+        layers = (model[0], model[2], model[3])
+        for layer in layers:
+            _perturb_(layer, 0.01)
+        weights_before = [m.weight.detach().clone() for m in layers]
+        assert _max_drift(model) > 1e-2
+
+        retract_(model)
+
+        assert _max_drift(model) < 1e-5
+        for layer, before in zip(layers, weights_before, strict=True):
+            assert relative_error(layer.weight, before) < 0.05
+
+    def test_keeps_an_orthonormal_layer_exactly(self):
+        layer = ENNConv3d(4, 8, 3)
+        before = {name: getattr(layer, name).detach().clone() for name in ("Q", "lam", "P")}
+        retract_(layer)
+        for name, value in before.items():
+            assert relative_error(getattr(layer, name), value) < 1e-6, name
+
+    def test_lambda_is_the_best_diagonal_for_the_new_factors(self):
+        layer = ENNLinear(12, 6)
+        _perturb_(layer, 0.05)
+        target = layer.weight.detach().double()
+        retract_(layer)
+        # least squares over diagonals: λ_i = q_iᵀ W p_i for orthonormal q_i, p_i
+        expected = torch.einsum("oi,of,fi->i", layer.Q.double(), target, layer.P.double())
+        assert relative_error(layer.lam, expected) < 1e-5
+
+    def test_columns_stay_close_after_an_adam_step_where_the_exact_form_turns_them(self):
+        # a Kaiming initialisation has nearly equal singular values: W's singular vectors
+        # after one step lie far from the old columns, the projected ones do not
+        torch.manual_seed(0)
+        layers = [ENNConv2d(32, 64, 3) for _ in range(2)]
+        layers[1].load_state_dict(layers[0].state_dict())
+        inputs = torch.randn(4, 32, 8, 8)
+        for layer in layers:
+            optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
+            layer(inputs).square().mean().backward()
+            optimizer.step()
+        Q_before = layers[0].Q.detach().clone()
+        retract_(layers[0])
+        retract_(layers[1], keep_weight=True)
+        projected = relative_error(layers[0].Q, Q_before)
+        exact = relative_error(layers[1].Q, Q_before)
+        assert projected < 0.02 and exact > 5 * projected, (projected, exact)
+
+    def test_non_finite_factors_are_named(self):
+        model = _model()
+        with torch.no_grad():
+            model[2].Q[0, 0] = float("inf")
+        with pytest.raises(ValueError, match="cannot retract layer '2': Q, λ or P is not finite"):
+            retract_(model)
+
+
+class TestExactRetraction:
     @pytest.mark.parametrize("scale", [0.01, 0.5])
     def test_brings_drift_below_1e5_and_keeps_the_weight(self, scale):
         model = _model()
@@ -108,7 +167,7 @@ class TestRetraction:
         weights_before = [m.weight.detach().clone() for m in layers]
         assert _max_drift(model) > scale
 
-        retract_(model)
+        retract_(model, keep_weight=True)
 
         assert _max_drift(model) < 1e-5
         for layer, before in zip(layers, weights_before, strict=True):
@@ -127,7 +186,7 @@ class TestRetraction:
         layer = make_layer()
         _perturb_(layer, 0.5)
         before = layer.weight.detach().clone()
-        retract_(layer)
+        retract_(layer, keep_weight=True)
         tolerance = 1e-12 if layer.Q.dtype == torch.float64 else 1e-6
         assert relative_error(layer.weight, before) < tolerance
         assert _max_drift(layer) < (1e-12 if layer.Q.dtype == torch.float64 else 1e-5)
@@ -139,14 +198,14 @@ class TestRetraction:
             layer.lam[[1, 5]] = 0.0  # W has rank 6 < r = 8
         _perturb_(layer, 0.1)
         before = layer.weight.detach().clone()
-        retract_(layer)
+        retract_(layer, keep_weight=True)
         assert relative_error(layer.weight, before) < 1e-6
         assert _max_drift(layer) < 1e-5
 
     def test_keeps_an_orthonormal_layer_exactly(self):
         layer = ENNConv3d(4, 8, 3)
         before = {name: getattr(layer, name).detach().clone() for name in ("Q", "lam", "P")}
-        retract_(layer)
+        retract_(layer, keep_weight=True)
         for name, value in before.items():
             assert relative_error(getattr(layer, name), value) < 1e-6, name
 
@@ -159,7 +218,7 @@ class TestRetraction:
             layer.Q[:, [0, 3]] *= -1
             layer.P[:, [3, 6]] *= -1
         before = {name: getattr(layer, name).detach().clone() for name in ("Q", "lam", "P")}
-        retract_(layer)
+        retract_(layer, keep_weight=True)
         for name, value in before.items():
             assert relative_error(getattr(layer, name), value) < 1e-6, name
 
@@ -171,7 +230,7 @@ class TestRetraction:
             layer.lam.copy_(torch.tensor([0.4, -2.2, 1.0, 3.0, -0.7, 1.6, 2.6, -1.3, 0.2, 1.9]))
         _perturb_(layer, 0.01)
         Q, lam, P = (getattr(layer, name).detach().clone() for name in ("Q", "lam", "P"))
-        retract_(layer)
+        retract_(layer, keep_weight=True)
         # each new column is nearest to the old one in its place and points the same way
         for old, new in ((Q, layer.Q), (P, layer.P)):
             similarity = old.T @ new  # (r, r)
@@ -184,7 +243,7 @@ class TestRetraction:
         with torch.no_grad():
             model[2].P[0, 0] = float("nan")
         with pytest.raises(ValueError, match="cannot retract layer '2': Q, λ or P is not finite"):
-            retract_(model)
+            retract_(model, keep_weight=True)
 
     def test_new_factors_diagonalise_the_old_weight(self):
         # Q'ᵀ W P' = diag(λ'): λ' is still the least-squares diagonal for Q', P', and the
@@ -192,7 +251,7 @@ class TestRetraction:
         layer = ENNLinear(12, 6)
         _perturb_(layer, 0.3)
         target = layer.weight.detach().double()
-        retract_(layer)
+        retract_(layer, keep_weight=True)
         core = layer.Q.double().T @ target @ layer.P.double()  # (r, r)
         assert relative_error(core, torch.diag(layer.lam.double())) < 1e-6
 

@@ -225,8 +225,10 @@ def _cv_command(config_path, *extra):
     return [sys.executable, "-m", "enn_neuro", "-q", "cv", str(config_path), *extra]
 
 
-def test_kill_9_and_resume_finishes_with_the_same_metrics(tmp_path, demo_cohort, cache_dir):
-    sections = {"training": {"epochs": 3}}
+@pytest.mark.parametrize("mode", ["bp", "local"])
+def test_kill_9_and_resume_finishes_with_the_same_metrics(tmp_path, demo_cohort, cache_dir, mode):
+    # local mode resumes K optimizers, schedulers and heads
+    sections = {"training": {"epochs": 3, "mode": mode}}
     environment = {**os.environ, "PYTHONHASHSEED": "0"}
 
     # an uninterrupted reference

@@ -109,7 +109,7 @@ def _validate(args: argparse.Namespace) -> int:
             return _validate_images(config)
         data = config.data
         cohort = load_cohort(data.cohort, data.target, data.task, data.classes, data.image_column)
-        folds = data.n_folds
+        folds = None if data.split_table else data.n_folds  # as the study checks it
     else:
         if not args.cohort or not args.target:
             raise ValueError("give a cohort and --target, or --config")

@@ -20,12 +20,15 @@ from enn_neuro.data.splits import (
     LeakageError,
     Role,
     check_leakage,
+    fold_count_problems,
     make_splits,
     read_split_table,
     write_split_table,
 )
 from enn_neuro.data.transforms import (
+    FIT_MODES,
     AugmentationConfig,
+    FitToShaped,
     PreprocessingConfig,
     augmentation_transforms,
     preprocessing_transforms,
@@ -33,11 +36,13 @@ from enn_neuro.data.transforms import (
 from enn_neuro.data.validation import ValidationReport, validate_cohort
 
 __all__ = [
+    "FIT_MODES",
     "AugmentationConfig",
     "CachedVolumeDataset",
     "Cohort",
     "ImageFolderDataset",
     "CohortError",
+    "FitToShaped",
     "ImageRecord",
     "LeakageError",
     "PreprocessingConfig",
@@ -49,6 +54,7 @@ __all__ = [
     "check_images",
     "check_leakage",
     "eval_transform",
+    "fold_count_problems",
     "load_cohort",
     "make_dataset",
     "make_splits",

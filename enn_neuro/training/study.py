@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from enn_neuro.config import Config, ImageConfig, TrainingConfig, flatten, save_config
 from enn_neuro.data.cohort import Cohort, load_cohort
 from enn_neuro.data.dataset import make_dataset
-from enn_neuro.data.splits import check_leakage, make_splits, read_split_table, write_split_table
+from enn_neuro.data.splits import make_splits, read_split_table, write_split_table
 from enn_neuro.data.validation import ValidationReport, validate_cohort
 from enn_neuro.enn import to_plain
 from enn_neuro.files import remove_stale_temporaries, write_text_atomic
@@ -191,8 +191,9 @@ def run_study(
 def cohort_plan(config: Config) -> StudyPlan:
     """The 3D pipeline's plan: a validated cohort cut into leakage-checked subject folds."""
     cohort, report = prepare_cohort(config)
+    content_hashes = report.content_hashes()  # the leakage check compares image content too
     if config.data.split_table:
-        splits = read_split_table(config.data.split_table, cohort)
+        splits = read_split_table(config.data.split_table, cohort, content_hashes)
     else:
         splits = make_splits(
             cohort,
@@ -200,8 +201,8 @@ def cohort_plan(config: Config) -> StudyPlan:
             val_fraction=config.data.val_fraction,
             seed=config.study.seed,
             stratify_by=config.data.stratify_by,
+            content_hashes=content_hashes,
         )
-    check_leakage(splits, cohort, report.content_hashes())
 
     def fold_data(fold: int, learner_context: DistributedContext) -> FoldData:
         part = splits[splits["fold"] == fold]
@@ -224,7 +225,7 @@ def cohort_plan(config: Config) -> StudyPlan:
 
     return StudyPlan(
         folds=sorted(int(f) for f in splits["fold"].unique()),
-        tags=study_tags(config, list(report.content_hashes().values())),
+        tags=study_tags(config, list(content_hashes.values())),
         tables={"splits.tsv": splits},
         fold_data=fold_data,
         classes=list(cohort.classes),

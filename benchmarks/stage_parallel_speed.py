@@ -57,7 +57,7 @@ def main() -> None:
         help="timed steps per run (an epoch: fill and drain of the pipeline weigh 1/steps)",
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="runs per variant")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -98,11 +98,10 @@ class Learner:
         ).to(device)
         # 2D convolutions on GPUs run fastest on NHWC tensors
         self.channels_last = device.type == "cuda" and config.spatial_dims == 2
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        if self.context.enabled and device.type == "cuda" and model_config.norm == "batch":
-            # batch statistics over the global batch, as one process would compute them
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.sync_batchnorm = (
+            self.context.enabled and device.type == "cuda" and model_config.norm == "batch"
+        )
+        self.model = self._for_device(self.model)
 
         # one optimizer for the whole model (bp) or one per local block
         training = config.training
@@ -110,6 +109,8 @@ class Learner:
             self.blocks = split_model(self.model, training.local.cut, training.local.head).to(
                 device
             )
+            for block in self.blocks[:-1]:  # the last block's head is the model's classifier
+                block.head = self._for_device(block.head)  # a 1×1 conv head has a BatchNorm
             self.heads = nn.ModuleList([block.head for block in self.blocks[:-1]])
             trained = list(self.blocks)
         else:
@@ -350,6 +351,15 @@ class Learner:
             "target_mean": self.target_mean,
             "target_std": self.target_std,
         }
+
+    def _for_device(self, module: nn.Module) -> nn.Module:
+        """``module`` in the memory format and normalisation this device and launch want."""
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        if self.sync_batchnorm:
+            # batch statistics over the global batch, as one process would compute them
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return module
 
     def load_training_state(self, state: dict) -> None:
         """Restores what :meth:`training_state` saved."""

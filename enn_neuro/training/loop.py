@@ -52,6 +52,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+MAX_PROBABILITY_COLUMNS = 100  # more classes: the top TOP_K per image in predictions.csv
+TOP_K = 5
+
 CHECKPOINT_FORMAT = 1
 
 
@@ -66,6 +69,7 @@ class Predictions:
         targets: ``(N,)`` true class indices or values.
         outputs: One ``(N, num_outputs)`` array per head, the final head last (logits for
             classification, values in target units for regression).
+        skipped_images: Unreadable images left out (2D skip mode).
     """
 
     subject_ids: list[str]
@@ -73,9 +77,15 @@ class Predictions:
     images: list[str]
     targets: np.ndarray
     outputs: list[np.ndarray]
+    skipped_images: int = 0
 
     def table(self, task: str, classes: Sequence[str]) -> pd.DataFrame:
-        """One row per image: ids, target, prediction and class probabilities."""
+        """One row per image: ids, target, prediction and class probabilities.
+
+        Beyond :data:`MAX_PROBABILITY_COLUMNS` classes (ImageNet's 1000), the five most
+        probable classes and their probabilities replace the one column per class, which
+        would make 50 000 test images a gigabyte of CSV.
+        """
         frame = pd.DataFrame(
             {
                 "subject_id": self.subject_ids,
@@ -89,8 +99,15 @@ class Predictions:
             probabilities = _softmax(final)
             frame["prediction"] = [classes[i] for i in probabilities.argmax(axis=1)]
             frame["target"] = [classes[int(i)] for i in self.targets]
-            for index, name in enumerate(classes):
-                frame[f"prob_{name}"] = probabilities[:, index]
+            if len(classes) <= MAX_PROBABILITY_COLUMNS:
+                for index, name in enumerate(classes):
+                    frame[f"prob_{name}"] = probabilities[:, index]
+                return frame
+            ranked = np.argsort(-probabilities, axis=1, kind="stable")[:, :TOP_K]  # (N, k)
+            for rank in range(ranked.shape[1]):
+                chosen = ranked[:, rank]
+                frame[f"top{rank + 1}_class"] = [classes[i] for i in chosen]
+                frame[f"top{rank + 1}_prob"] = probabilities[np.arange(len(chosen)), chosen]
         else:
             frame["prediction"] = final[:, 0]
         return frame
@@ -364,20 +381,31 @@ def train_one_epoch(
             stats[f"train/block{index}_loss"] = value / rank_steps
     if any(share["skipped"] is not None for share in shares):  # any rank's data counts them
         stats["train/skipped_images"] = sum(share["skipped"] or 0 for share in shares)
-        if stats["train/skipped_images"] and learner.context.is_main:
-            logger.warning(
-                "fold %d epoch %d: %d unreadable image(s) skipped (named in the warnings above)",
-                fold,
-                epoch + 1,
-                stats["train/skipped_images"],
-            )
+        if learner.context.is_main:
+            warn_skipped_images(fold, epoch, stats["train/skipped_images"])
     return stats, global_step
+
+
+def warn_skipped_images(fold: int, epoch: int, count: int) -> None:
+    """One warning per epoch with the count of unreadable images skipped (2D skip mode)."""
+    if count:
+        logger.warning(
+            "fold %d epoch %d: %d unreadable image(s) skipped (named in the warnings above)",
+            fold,
+            epoch + 1,
+            count,
+        )
 
 
 @torch.no_grad()
 def predict_loader(learner: Learner, loader: DataLoader) -> Predictions:
-    """Outputs of every head for every image of ``loader``."""
-    subject_ids, session_ids, images, targets = [], [], [], []
+    """Outputs of every head for every image of ``loader``.
+
+    In 2D skip mode an unreadable image's item is a readable neighbour standing in for it
+    (marked ``skipped`` in the batch); that neighbour is predicted under its own index too,
+    so the stand-in rows are dropped and counted rather than scored twice.
+    """
+    subject_ids, session_ids, images, targets, stand_ins = [], [], [], [], []
     outputs: list[list[np.ndarray]] = []
     for batch in loader:
         heads = learner.predict(learner.prepare(batch["image"]))  # K × (B, num_outputs)
@@ -389,6 +417,8 @@ def predict_loader(learner: Learner, loader: DataLoader) -> Predictions:
         session_ids += list(batch["session_id"])
         images += list(batch["image_path"])
         targets.append(batch["label"].cpu().numpy())
+        skipped = batch.get("skipped")
+        stand_ins += [False] * len(batch["label"]) if skipped is None else (skipped > 0).tolist()
     local = Predictions(
         subject_ids=subject_ids,
         session_ids=session_ids,
@@ -396,19 +426,36 @@ def predict_loader(learner: Learner, loader: DataLoader) -> Predictions:
         targets=np.concatenate(targets) if targets else np.zeros(0),
         outputs=[np.concatenate(store) for store in outputs],
     )
-    return _merge_shards(learner.context.all_gather(local))
+    shards = learner.context.all_gather((local, stand_ins))
+    merged = _merge_shards([shard for shard, _ in shards])
+    stand_in = np.array(_merge_shards_order([flags for _, flags in shards]), dtype=bool)
+    if not stand_in.any():
+        return merged
+    keep = ~stand_in
+    logger.warning("%d unreadable image(s) left out of the predictions", int(stand_in.sum()))
+    return Predictions(
+        subject_ids=[v for v, k in zip(merged.subject_ids, keep, strict=True) if k],
+        session_ids=[v for v, k in zip(merged.session_ids, keep, strict=True) if k],
+        images=[v for v, k in zip(merged.images, keep, strict=True) if k],
+        targets=merged.targets[keep],
+        outputs=[head[keep] for head in merged.outputs],
+        skipped_images=int(stand_in.sum()),
+    )
+
+
+def _merge_shards_order(shards: list[list]) -> list:
+    """Undoes :class:`ShardSampler` for one list per rank (see :func:`_merge_shards`)."""
+    world, total = len(shards), sum(len(shard) for shard in shards)
+    return [shards[index % world][index // world] for index in range(total)]
 
 
 def _merge_shards(shards: list[Predictions]) -> Predictions:
     """Undoes :class:`ShardSampler`: rank r predicted items r, r + W, r + 2W, ..."""
     if len(shards) == 1:
         return shards[0]
-    world = len(shards)
-    total = sum(len(s.subject_ids) for s in shards)
-    order = [(index % world, index // world) for index in range(total)]  # (rank, position)
 
     def pick(values_of):
-        return [values_of(shards[rank])[position] for rank, position in order]
+        return _merge_shards_order([list(values_of(shard)) for shard in shards])
 
     heads = next(len(s.outputs) for s in shards if s.subject_ids)
     return Predictions(
@@ -437,6 +484,8 @@ def evaluate(
     if task == "regression":
         final = (final - learner.target_mean) / learner.target_std  # back to z-scores
     result = {f"{prefix}loss": float(learner.task_loss(final, targets))}
+    if predictions.skipped_images:
+        result[f"{prefix}skipped_images"] = predictions.skipped_images
     for index, outputs in enumerate(predictions.outputs):
         metrics = _subject_metrics(predictions, outputs, task, classes)
         name = "" if index == len(predictions.outputs) - 1 else f"block{index}_"

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 
 from enn_neuro.training.distributed import DistributedContext
 from enn_neuro.training.learner import Learner
+from enn_neuro.training.loop import warn_skipped_images
 
 __all__ = ["StagePipeline", "balanced_groups"]
 
@@ -178,8 +179,9 @@ class StagePipeline:
         stats[f"train/stage{rank}_busy_share"] = 1 - waited / max(elapsed, 1e-9)
         stats["train/samples_per_s"] = samples / max(elapsed, 1e-9)
         stats["train/epoch_s"] = elapsed
-        if skipped is not None:
+        if skipped is not None:  # only rank 0 reads the data
             stats["train/skipped_images"] = skipped
+            warn_skipped_images(fold, epoch, skipped)
         return stats, global_step
 
     def collect(self, stats: dict[str, float]) -> dict[str, float]:

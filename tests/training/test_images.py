@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -84,6 +85,8 @@ def test_corrupt_images_are_reported_before_training_or_skipped(tmp_path, digits
     shutil.copytree(digits_root, root)
     bad = root / "train" / "3" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"cut short")
+    bad_test = root / "val" / "5" / "broken.png"  # val/ is the test set
+    bad_test.write_bytes(b"not an image at all")
 
     # report: every bad file named, before any training (no study folder)
     config = _config(tmp_path, root, "report", epochs=1)
@@ -109,6 +112,13 @@ def test_corrupt_images_are_reported_before_training_or_skipped(tmp_path, digits
     ]
     assert fold_run.data.metrics["train/skipped_images"] == 1
     assert "epoch 1: 1 unreadable image(s) skipped" in caplog.text
+
+    # the unreadable test image is left out and counted, not replaced by a neighbour that
+    # would then be scored twice
+    assert result.fold_metrics[0]["test/skipped_images"] == 1
+    predictions = pd.read_csv(result.study_dir / "fold-0" / "predictions.csv")
+    readable = [p for p in (root / "val").rglob("*") if p.is_file() and p != bad_test]
+    assert sorted(predictions["image"]) == sorted(map(str, readable))
 
 
 def _report_on_ranks(context, config_path: str) -> dict:

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from enn_neuro.config import validate_config
 from enn_neuro.enn import ENNLayer
 from enn_neuro.training.learner import Learner, NonFiniteLossError
+from enn_neuro.training.loop import Predictions
 
 
 def _config(mode: str, optimizer: str):
@@ -60,3 +62,25 @@ def test_an_overflowing_gradient_stops_before_the_weights_change(mode, grad_clip
     after = learner.model.state_dict()
     changed = [k for k, v in before.items() if v.is_floating_point() and "running" not in k]
     assert all(torch.equal(before[k], after[k]) for k in changed)
+
+
+def test_predictions_of_many_classes_keep_the_five_most_probable():
+    classes = [f"c{i}" for i in range(150)]
+    logits = np.full((2, 150), -5.0)
+    logits[0, [7, 3, 9, 1, 0, 2]] = [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]
+    logits[1, 149] = 9.0
+    predictions = Predictions(
+        subject_ids=["a", "b"],
+        session_ids=["", ""],
+        images=["a.png", "b.png"],
+        targets=np.array([7, 0]),
+        outputs=[logits],
+    )
+    table = predictions.table("classification", classes)
+    assert not any(c.startswith("prob_") for c in table.columns)
+    assert list(table.loc[0, [f"top{k}_class" for k in range(1, 6)]]) == [
+        "c7", "c3", "c9", "c1", "c0",
+    ]  # fmt: skip
+    assert table.loc[1, "top1_class"] == "c149" and table.loc[1, "prediction"] == "c149"
+    probabilities = np.exp(logits[0]) / np.exp(logits[0]).sum()
+    assert table.loc[0, "top2_prob"] == pytest.approx(probabilities[3])

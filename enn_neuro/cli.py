@@ -154,12 +154,15 @@ def _predict(args: argparse.Namespace) -> int:
     from enn_neuro.training.inference import load_trained_model, per_subject, predict_images
 
     trained = load_trained_model(args.checkpoint, args.run_id, args.tracking_uri)
-    images, subjects, sessions = _inputs(args.inputs, args)
+    if trained.is_2d:
+        images, subjects, sessions = _image_inputs(args.inputs)
+    else:
+        images, subjects, sessions = _inputs(args.inputs, args)
     frame = predict_images(
         trained, images, subjects, batch_size=args.batch_size, session_ids=sessions
     )
     rows = "images"
-    if not args.per_image:
+    if not args.per_image and not trained.is_2d:  # a 2D image is its own subject
         frame, rows = per_subject(frame, trained), "subjects"
     _write_csv(frame, args.out)
     print(f"wrote predictions for {len(frame)} {rows} to {args.out}")
@@ -169,9 +172,21 @@ def _predict(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from enn_neuro.data.cohort import load_cohort
     from enn_neuro.data.validation import validate_cohort
-    from enn_neuro.training.inference import evaluate_cohort, load_trained_model
+    from enn_neuro.training.inference import (
+        evaluate_cohort,
+        evaluate_image_folder,
+        load_trained_model,
+    )
 
     trained = load_trained_model(args.checkpoint, args.run_id, args.tracking_uri)
+    if trained.is_2d:
+        frame, metrics = evaluate_image_folder(trained, args.cohort, batch_size=args.batch_size)
+        if args.out:
+            _write_csv(frame, args.out)
+        print(json.dumps(metrics, indent=2))
+        return 0
+    if not args.target:
+        raise ValueError("evaluate on a cohort needs --target, the column of true labels")
     cohort = load_cohort(
         args.cohort, args.target, trained.task, trained.classes or None, args.image_column
     )
@@ -335,10 +350,16 @@ def _parser() -> argparse.ArgumentParser:
         "probabilities (classification) or the predicted value (regression). Inputs are NIfTI "
         "files (subject and session from BIDS names such as sub-01_ses-1_T1w.nii.gz, else the "
         "file name), one cohort table (its subject_id and image columns; no target needed) or "
-        "one BIDS folder.",
+        "one BIDS folder. A 2D image model writes one row per image, for image files or "
+        "every image below one folder.",
     )
     model_source(predict)
-    predict.add_argument("inputs", nargs="+", help="NIfTI files, a cohort table, or a BIDS folder")
+    predict.add_argument(
+        "inputs",
+        nargs="+",
+        help="3D models: NIfTI files, a cohort table, or a BIDS folder; 2D models: image "
+        "files or one folder (every image below it)",
+    )
     predict.add_argument("--out", default="predictions.csv", help="CSV to write")
     predict.add_argument(
         "--target",
@@ -364,11 +385,16 @@ def _parser() -> argparse.ArgumentParser:
         "evaluate",
         help="score a trained model on a labelled cohort",
         description="Predicts every image of a labelled cohort and prints subject-level "
-        "metrics as JSON.",
+        "metrics as JSON. A 2D image model scores an image folder laid out as "
+        "<folder>/<class>/<images> instead, one image per row.",
     )
     model_source(evaluate)
-    evaluate.add_argument("cohort", help="cohort table or BIDS folder with the target column")
-    evaluate.add_argument("--target", required=True, help="target column")
+    evaluate.add_argument(
+        "cohort",
+        help="cohort table or BIDS folder with the target column (3D models), or an image "
+        "folder with one subfolder per class (2D models)",
+    )
+    evaluate.add_argument("--target", help="target column of the cohort (3D models)")
     evaluate.add_argument(
         "--image-column", default="image", help="image path column of a cohort table"
     )
@@ -404,6 +430,28 @@ def _inputs(
             [r.subject_id for r in records],
             [r.session_id for r in records],
         )
+    missing = [p for p in inputs if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"input image(s) not found: {missing}")
+    return list(inputs), None, None
+
+
+def _image_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str] | None, None]:
+    """Images for a 2D model: files, or every image below one folder (ids relative to it)."""
+    from enn_neuro.data.images2d import IMAGE_EXTENSIONS
+
+    if len(inputs) == 1 and Path(inputs[0]).is_dir():
+        root = Path(inputs[0])
+        images = sorted(
+            path
+            for path in root.rglob("*")
+            if path.suffix.lower() in IMAGE_EXTENSIONS
+            and path.is_file()
+            and not any(part.startswith(".") for part in path.relative_to(root).parts)
+        )
+        if not images:
+            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
+        return [str(p) for p in images], [str(p.relative_to(root)) for p in images], None
     missing = [p for p in inputs if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"input image(s) not found: {missing}")

@@ -1,7 +1,9 @@
 """Applying a trained model to new images: from a checkpoint or from an MLflow run.
 
 The model is fused to plain layers (:func:`enn_neuro.enn.to_plain`) for inference at no
-ENN overhead. Images go through the exact preprocessing the model was trained with.
+ENN overhead. Images go through the exact preprocessing the model was trained with: the
+MONAI chain of a 3D cohort model (NIfTI volumes), or the evaluation transform (resize and
+centre crop) of a 2D image model (any image PIL reads).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader
 from enn_neuro.config import validate_config
 from enn_neuro.data.cohort import Cohort
 from enn_neuro.data.dataset import make_dataset
+from enn_neuro.data.images2d import ImageFolderDataset, eval_transform, scan_image_folder
 from enn_neuro.data.transforms import PreprocessingConfig
 from enn_neuro.enn import to_plain
 from enn_neuro.models import create_model
@@ -31,6 +34,7 @@ from enn_neuro.training.metrics import classification_metrics, regression_metric
 __all__ = [
     "TrainedModel",
     "evaluate_cohort",
+    "evaluate_image_folder",
     "load_trained_model",
     "per_subject",
     "predict_images",
@@ -44,12 +48,13 @@ class TrainedModel:
     """A fused model with what is needed to use it.
 
     Attributes:
-        model: Plain-layer network in eval mode, ``(B, 1, D, H, W) → (B, num_outputs)``.
+        model: Plain-layer network in eval mode, ``(B, C, *S) → (B, num_outputs)``.
         task: ``"classification"`` or ``"regression"``.
         classes: Class names in output order (classification).
         target_mean: Regression outputs are z-scores of the target: value = z · std + mean.
         target_std: See ``target_mean``.
-        preprocessing: The training preprocessing.
+        preprocessing: The training preprocessing of a 3D cohort model, else ``None``.
+        image_transform: The evaluation transform of a 2D image model, else ``None``.
     """
 
     model: nn.Module
@@ -57,7 +62,13 @@ class TrainedModel:
     classes: list[str]
     target_mean: float
     target_std: float
-    preprocessing: PreprocessingConfig
+    preprocessing: PreprocessingConfig | None = None
+    image_transform: Callable | None = None
+
+    @property
+    def is_2d(self) -> bool:
+        """Whether the model reads 2D images (else 3D NIfTI volumes)."""
+        return self.image_transform is not None
 
 
 def load_trained_model(
@@ -82,11 +93,6 @@ def load_trained_model(
         saved = load_checkpoint(checkpoint)
         _check_model_checkpoint(saved, checkpoint)
         config = validate_config(saved["config"], source=str(checkpoint))
-        if config.pipeline != "cohort3d":
-            raise NotImplementedError(
-                f"{checkpoint}: predict and evaluate serve 3D cohort models; this one is from "
-                f"a {config.pipeline!r} study (its test predictions are in its fold folder)"
-            )
         task = config.data.task
         classes = list(saved["classes"])
         model = create_model(
@@ -99,13 +105,17 @@ def load_trained_model(
             base_width=config.model.base_width,
         )
         model.load_state_dict(saved["training"]["model"])
+        two_d = config.pipeline == "images2d"
         return TrainedModel(
             model=to_plain(model).eval(),
             task=task,
             classes=classes,
             target_mean=float(saved["training"]["target_mean"]),
             target_std=float(saved["training"]["target_std"]),
-            preprocessing=config.preprocessing,
+            preprocessing=None if two_d else config.preprocessing,
+            image_transform=(
+                eval_transform(config.data.image_size, config.data.resize_size) if two_d else None
+            ),
         )
 
     import mlflow
@@ -119,17 +129,21 @@ def load_trained_model(
             run_id=run_id, artifact_path="model_info.json", dst_path=folder
         )
         info = json.loads(Path(path).read_text())
-    preprocessing = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in info["preprocessing"].items()
-    }
-    return TrainedModel(
+    trained = TrainedModel(
         model=model,
         task=info["task"],
         classes=list(info["classes"]),
         target_mean=float(info["target_mean"]),
         target_std=float(info["target_std"]),
-        preprocessing=PreprocessingConfig(**preprocessing),
     )
+    if "image_size" in info:  # a 2D image model
+        trained.image_transform = eval_transform(info["image_size"], info["resize_size"])
+    else:
+        preprocessing = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in info["preprocessing"].items()
+        }
+        trained.preprocessing = PreprocessingConfig(**preprocessing)
+    return trained
 
 
 @torch.no_grad()
@@ -145,7 +159,7 @@ def predict_images(
 
     Args:
         trained: From :func:`load_trained_model`.
-        images: NIfTI files.
+        images: NIfTI files (3D models) or image files (2D models).
         subject_ids: One per image; when ``None``, the BIDS ``sub-<label>`` entity of the
             file name, else the file name without extension.
         batch_size: Images per forward pass.
@@ -159,14 +173,19 @@ def predict_images(
     """
     images = [str(Path(p).resolve()) for p in images]
     if subject_ids is None:
-        subject_ids = [_entity(p, "sub") or Path(p).name.split(".nii")[0] for p in images]
+        subject_ids = [_entity(p, "sub") or _stem(p) for p in images]
     if session_ids is None:
         session_ids = [_entity(p, "ses") for p in images]
-    samples = [
-        {"image": path, "subject_id": subject, "image_path": path}
-        for path, subject in zip(images, subject_ids, strict=True)
-    ]
-    dataset = make_dataset(samples, trained.preprocessing, None, cache_dir)
+    if trained.is_2d:
+        # labels are not read: every image gets class 0
+        labelled = [(Path(path), 0) for path in images]
+        dataset = ImageFolderDataset(labelled, trained.classes, trained.image_transform)
+    else:
+        samples = [
+            {"image": path, "subject_id": subject, "image_path": path}
+            for path, subject in zip(images, subject_ids, strict=True)
+        ]
+        dataset = make_dataset(samples, trained.preprocessing, None, cache_dir)
     outputs = []
     for batch in DataLoader(dataset, batch_size=batch_size):
         outputs.append(trained.model(batch["image"]).float().numpy())  # (B, num_outputs)
@@ -226,6 +245,47 @@ def evaluate_cohort(trained: TrainedModel, cohort: Cohort, **kwargs) -> tuple[pd
         # a subject's target is the mean over its images (ages at repeat scans)
         metrics = regression_metrics(targets.mean().to_numpy(), subjects["prediction"].to_numpy())
     return frame, metrics
+
+
+def evaluate_image_folder(
+    trained: TrainedModel, root: str | Path, **kwargs
+) -> tuple[pd.DataFrame, dict]:
+    """Predicts a labelled image folder ``root/<class>/<files>`` and scores it per image.
+
+    Args:
+        trained: A 2D classification model from :func:`load_trained_model`.
+        root: The folder; its class names must be among the model's classes.
+        **kwargs: Passed to :func:`predict_images` (``batch_size``).
+
+    Returns:
+        The per-image predictions (with a ``target`` column) and the metrics.
+
+    Raises:
+        ValueError: If the model is not a 2D classifier or a class folder is unknown to it.
+    """
+    if not trained.is_2d or trained.task != "classification":
+        raise ValueError(f"{root}: an image folder is scored by a 2D image classifier only")
+    samples, folder_classes = scan_image_folder(root)
+    unknown = sorted(set(folder_classes) - set(trained.classes))
+    if unknown:
+        raise ValueError(
+            f"{root}: class folders {unknown} are not classes of the model "
+            f"({len(trained.classes)} classes, e.g. {trained.classes[:5]})"
+        )
+    images = [path for path, _ in samples]
+    identifiers = [str(path.relative_to(root)) for path in images]
+    frame = predict_images(trained, images, identifiers, **kwargs)
+    frame["target"] = [folder_classes[label] for _, label in samples]
+    labels = [trained.classes.index(name) for name in frame["target"]]
+    columns = [f"prob_{name}" for name in trained.classes]
+    metrics = classification_metrics(labels, frame[columns].to_numpy(), trained.classes)
+    return frame, metrics
+
+
+def _stem(path: str) -> str:
+    """A file's name without its extension (``.nii.gz`` counted as one)."""
+    name = Path(path).name
+    return name.split(".nii")[0] if ".nii" in name else Path(name).stem
 
 
 def _entity(path: str, key: str) -> str | None:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -190,11 +194,55 @@ def test_too_small_a_holdout_is_a_clear_error(tmp_path, digits_root):
         run_study(config)
 
 
-def test_predict_refuses_a_2d_checkpoint_clearly(tmp_path, digits_root):
-    from enn_neuro.training.inference import load_trained_model
-
-    config = _config(tmp_path, digits_root, "refuse", epochs=1)
+def test_predict_and_evaluate_serve_a_2d_model(tmp_path, digits_root):
+    config = _config(tmp_path, digits_root, "serve", epochs=1)
     config.model.base_width = 4
     result = run_study(config)
-    with pytest.raises(NotImplementedError, match="predict and evaluate serve 3D cohort models"):
-        load_trained_model(result.study_dir / "fold-0" / "best.pt")
+    fold_dir = result.study_dir / "fold-0"
+    expected = pd.read_csv(fold_dir / "predictions.csv")
+    expected["image"] = [str(Path(p).resolve()) for p in expected["image"]]
+    expected = expected.set_index("image")
+    run_id = json.loads((result.study_dir / "study.json").read_text())["folds"]["0"]["run_id"]
+    sources = {
+        "checkpoint": ["--checkpoint", str(fold_dir / "best.pt")],
+        "run": ["--run-id", run_id, "--tracking-uri", config.tracking.tracking_uri],
+    }
+
+    # the test folder's images, from the checkpoint and from the MLflow run: the study's
+    # own test predictions, image by image
+    columns = [
+        f"prob_{c}" for c in json.loads((fold_dir / "model_info.json").read_text())["classes"]
+    ]
+    for name, source in sources.items():
+        out = tmp_path / f"{name}.csv"
+        finished = _cli("predict", *source, str(digits_root / "val"), "--out", str(out))
+        assert finished.returncode == 0, finished.stderr
+        predicted = pd.read_csv(out)
+        assert len(predicted) == len(expected)
+        predicted["image"] = [str(Path(p).resolve()) for p in predicted["image"]]
+        predicted = predicted.set_index("image").loc[expected.index]
+        assert list(predicted["prediction"].astype(str)) == list(expected["prediction"].astype(str))
+        assert np.allclose(predicted[columns], expected[columns], atol=1e-5), name
+
+    # evaluate scores the labelled folder as the study scored its test set
+    finished = _cli("evaluate", *sources["checkpoint"], str(digits_root / "val"))
+    assert finished.returncode == 0, finished.stderr
+    metrics = json.loads(finished.stdout)
+    assert metrics["accuracy"] == pytest.approx(result.fold_metrics[0]["test/accuracy"], abs=1e-9)
+    assert metrics["top5_accuracy"] == pytest.approx(
+        result.fold_metrics[0]["test/top5_accuracy"], abs=1e-9
+    )
+
+    # a folder of classes the model does not know: one clear line
+    strange = tmp_path / "strange" / "zebra"
+    strange.mkdir(parents=True)
+    shutil.copy(next((digits_root / "val" / "3").iterdir()), strange / "a.png")
+    finished = _cli("evaluate", *sources["checkpoint"], str(tmp_path / "strange"))
+    assert finished.returncode == 2
+    assert "class folders ['zebra'] are not classes of the model" in finished.stderr
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "enn_neuro", *args], capture_output=True, text=True, timeout=600
+    )

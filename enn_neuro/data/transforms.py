@@ -607,17 +607,22 @@ class _TorchIOAugmentation:
             transforms.append(tio.RandomMotion(p=config.motion_p))
         if config.ghosting_p:
             transforms.append(tio.RandomGhosting(p=config.ghosting_p))
+        # multiplicative intensity artefacts act on positive intensities: Note [intensity range]
+        intensity = []
         if config.bias_field_p:
-            transforms.append(
+            intensity.append(
                 tio.RandomBiasField(
                     coefficients=config.bias_field_coefficients, p=config.bias_field_p
                 )
             )
         if config.gamma_p:
-            transforms.append(tio.RandomGamma(log_gamma=config.gamma_log_gamma, p=config.gamma_p))
+            intensity.append(tio.RandomGamma(log_gamma=config.gamma_log_gamma, p=config.gamma_p))
+        noise = []
         if config.noise_p:
-            transforms.append(tio.RandomNoise(std=(0.0, config.noise_std), p=config.noise_p))
+            noise.append(tio.RandomNoise(std=(0.0, config.noise_std), p=config.noise_p))
         self.transform = tio.Compose(transforms)
+        self.intensity = tio.Compose(intensity)
+        self.noise = tio.Compose(noise)
 
     def __call__(self, sample: dict) -> dict:
         import torchio as tio
@@ -632,10 +637,38 @@ class _TorchIOAugmentation:
             affine = np.diag([*self.spacing_mm, 1.0])
             tensor = image
         subject = tio.Subject(image=tio.ScalarImage(tensor=tensor.float(), affine=affine))
-        augmented = self.transform(subject)["image"].data  # (1, D, H, W)
+        subject = self.transform(subject)
+        if self.intensity.transforms:
+            subject = _in_unit_range(self.intensity, subject)
+        augmented = self.noise(subject)["image"].data  # (1, D, H, W)
         out = dict(sample)
         out["image"] = augmented.to(torch.float32).contiguous()
         return out
+
+
+# Note [intensity range]:
+#     A bias field multiplies the scanner's intensities, and gamma acts on intensities in
+#     [0, 1]; both assume non-negative values. The cached volumes are normalised (z-scores
+#     within the foreground, background 0), so applied as they are, a bias field > 1 would
+#     darken tissue below the mean instead of brightening it, and gamma would fold negative
+#     values. The two therefore run on the volume mapped linearly onto [0, 1] (its minimum to
+#     0, its maximum to 1), which is then mapped back; the background keeps its exact 0, as
+#     the affine transform's padding does.
+
+
+def _in_unit_range(transform: Callable, subject):
+    """Applies ``transform`` to the subject's image mapped onto [0, 1], then maps it back."""
+    image = subject["image"]
+    values = image.data  # (1, D, H, W)
+    low, high = values.min(), values.max()
+    if not high > low:  # a constant volume: nothing to modulate
+        return subject
+    background = values == 0
+    image.set_data((values - low) / (high - low))
+    subject = transform(subject)
+    restored = subject["image"].data * (high - low) + low
+    subject["image"].set_data(restored.masked_fill(background, 0.0))
+    return subject
 
 
 class _ForegroundSelector:

@@ -524,6 +524,24 @@ def test_each_augmentation_changes_image_and_keeps_contract(probability):
     assert torch.equal(out["label"], torch.tensor(1))
 
 
+@pytest.mark.parametrize("probability", ["bias_field_p", "gamma_p"])
+def test_intensity_artefacts_act_on_positive_intensities(probability):
+    # z-scores in the head, 0 outside: a bias field or gamma must not push the darkest
+    # tissue below the volume's minimum (multiplying negative z-scores would), nor touch
+    # the background
+    config = dataclasses.replace(NOTHING, **{probability: 1.0}, bias_field_coefficients=0.9)
+    augment = augmentation_transforms(config, spacing_mm=(3.0, 3.0, 3.0))
+    sample = cached_sample()
+    image = sample["image"]
+    head = image != 0
+    for seed in range(5):
+        torch.manual_seed(seed)
+        out = augment(sample)["image"]
+        assert float(out[head].min()) >= float(image.min()) - 1e-5, seed
+        assert torch.equal(out[~head], torch.zeros_like(out[~head]))
+        assert float((out - image).abs().max()) > 1e-3
+
+
 def test_augmentation_is_deterministic_under_manual_seed():
     augment = augmentation_transforms(AugmentationConfig(), spacing_mm=(3.0, 3.0, 3.0))
     sample = cached_sample()

@@ -476,6 +476,13 @@ def _loaders(
     """Training batches sharded as in ``Note [global batch]``; evaluation in ordered shards."""
     data, training = config.data, config.training
     augmentation = config.augmentation if config.augmentation.enabled else None
+    if data.cache_dir is None and data.num_workers > 0:
+        logger.warning(
+            "data.cache_dir is null and data.num_workers is %d: each training worker keeps "
+            "its own in-memory cache and starts afresh every epoch, so every epoch "
+            "preprocesses every volume again; set data.cache_dir to cache on disk",
+            data.num_workers,
+        )
     loaders = {}
     for role in ("train", "val", "test"):
         dataset = make_dataset(

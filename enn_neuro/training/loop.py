@@ -286,7 +286,7 @@ def fit(
     context.barrier()  # best.pt is complete before any rank reads it
     if state["stopped_early"]:
         logger.info(
-            "fold %d: early stop after epoch %d (best %s %s at epoch %d)",
+            "fold %d: early stop after epoch %d (best %s %.4f at epoch %d)",
             fold,
             state["epoch"],  # epochs count from 1 in log lines, from 0 in metrics
             metric,

@@ -447,8 +447,17 @@ def _run_fold(
         fused = to_plain(learner.model).cpu().eval()
         example = loaders["test"].dataset[0]["image"][None].numpy()  # (1, C, *S)
         tracker.log_model(run_id, fused, example)
-    shown = {k.removeprefix("test/"): v for k, v in test_metrics.items() if "block" not in k}
-    logger.info("fold %d test: %s", fold, ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    shown = {
+        k.removeprefix("test/"): v
+        for k, v in test_metrics.items()
+        if "block" not in k and k != "best_epoch"
+    }
+    logger.info(
+        "fold %d test (model of epoch %d): %s",
+        fold,
+        result.best_epoch + 1,  # epochs count from 1 in log lines, from 0 in metrics
+        ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),
+    )
     return test_metrics
 
 

@@ -438,19 +438,11 @@ def _inputs(
 
 def _image_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str] | None, None]:
     """Images for a 2D model: files, or every image below one folder (ids relative to it)."""
-    from enn_neuro.data.images2d import IMAGE_EXTENSIONS
+    from enn_neuro.data.images2d import find_images
 
     if len(inputs) == 1 and Path(inputs[0]).is_dir():
         root = Path(inputs[0])
-        images = sorted(
-            path
-            for path in root.rglob("*")
-            if path.suffix.lower() in IMAGE_EXTENSIONS
-            and path.is_file()
-            and not any(part.startswith(".") for part in path.relative_to(root).parts)
-        )
-        if not images:
-            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
+        images = find_images(root)
         return [str(p) for p in images], [str(p.relative_to(root)) for p in images], None
     missing = [p for p in inputs if not Path(p).is_file()]
     if missing:

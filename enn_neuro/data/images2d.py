@@ -63,6 +63,7 @@ __all__ = [
     "TrainTransform",
     "check_images",
     "eval_transform",
+    "find_images",
     "random_resized_crop_box",
     "scan_image_folder",
     "train_transform",
@@ -162,6 +163,29 @@ def scan_image_folder(root: str | Path) -> tuple[list[tuple[Path, int]], list[st
         logger.warning("%s: class folders without images: %s", root, ", ".join(empty))
     logger.info("%s: %d images in %d classes", root, len(samples), len(classes))
     return samples, classes
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """Every image file below ``root``, at any depth, sorted; hidden files and folders skipped.
+
+    Images are recognised as in :func:`scan_image_folder`, by their extension.
+
+    Raises:
+        FileNotFoundError: If ``root`` is not a folder or holds no image file.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    images = sorted(
+        path
+        for path in root.rglob("*")
+        if _is_image_name(path.name)
+        and not any(_hidden(part) for part in path.relative_to(root).parts)
+        and path.is_file()
+    )
+    if not images:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
+    return images
 
 
 def check_images(paths: Sequence[Path], workers: int | None = None) -> list[Problem]:

@@ -276,7 +276,8 @@ def evaluate_image_folder(
     identifiers = [str(path.relative_to(root)) for path in images]
     frame = predict_images(trained, images, identifiers, **kwargs)
     frame["target"] = [folder_classes[label] for _, label in samples]
-    labels = [trained.classes.index(name) for name in frame["target"]]
+    index_of = {name: index for index, name in enumerate(trained.classes)}
+    labels = [index_of[name] for name in frame["target"]]
     columns = [f"prob_{name}" for name in trained.classes]
     metrics = classification_metrics(labels, frame[columns].to_numpy(), trained.classes)
     return frame, metrics

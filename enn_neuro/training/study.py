@@ -427,9 +427,7 @@ def _run_fold(
         probabilities = by_subject[[f"prob_{c}" for c in classes]].mean().to_numpy()
         labels = [classes.index(t) for t in by_subject["target"].first()]
         matrix = classification_metrics(labels, probabilities, classes)["confusion_matrix"]
-        counts = {"classes": classes, "rows": "true class", "matrix": matrix}
-        (fold_dir / CONFUSION_JSON).write_text(json.dumps(counts, indent=2))
-        figures.append(fold_dir / CONFUSION_JSON)
+        figures.append(_write_confusion_counts(fold_dir / CONFUSION_JSON, classes, matrix))
         figures.append(plot_confusion_matrix(matrix, classes, fold_dir / "confusion_matrix.png"))
         figures.append(plot_roc_curve(labels, probabilities, classes, fold_dir / "roc_curve.png"))
     for path in [fold_dir / "predictions.csv", fold_dir / "metrics.json", *figures]:
@@ -473,10 +471,16 @@ def _pooled_confusion_matrix(study_dir: Path, folds: list[int]) -> list[Path]:
     saved = [json.loads(path.read_text()) for path in paths]
     classes = saved[0]["classes"]
     matrix = np.sum([np.array(s["matrix"], dtype=np.int64) for s in saved], axis=0).tolist()
-    counts = {"classes": classes, "rows": "true class", "matrix": matrix, "folds": folds}
-    (study_dir / CONFUSION_JSON).write_text(json.dumps(counts, indent=2))
+    counts = _write_confusion_counts(study_dir / CONFUSION_JSON, classes, matrix, folds=folds)
     figure = plot_confusion_matrix(matrix, classes, study_dir / "confusion_matrix.png")
-    return [study_dir / CONFUSION_JSON, figure]
+    return [counts, figure]
+
+
+def _write_confusion_counts(path: Path, classes: list[str], matrix: list, **extra) -> Path:
+    """Writes a confusion matrix's counts (rows: true class) as JSON; returns ``path``."""
+    counts = {"classes": classes, "rows": "true class", "matrix": matrix, **extra}
+    path.write_text(json.dumps(counts, indent=2))
+    return path
 
 
 def _loaders(
@@ -565,6 +569,7 @@ def _check_study(study_dir: Path, config: Config | ImageConfig, resume: bool) ->
                 f"the configuration differs from the one {study_dir} was started with "
                 f"(see {study_dir / 'config.yaml'}); resume with the same config and overrides"
             )
+        state.setdefault("uid", uuid.uuid4().hex)  # studies begun before run keys existed
         return state
     if state_path.exists():
         raise StudyError(
@@ -602,7 +607,6 @@ def _check_same_data(study_dir: Path, state: dict[str, Any], plan: StudyPlan) ->
                 f"{study_dir / name}): resume on the original data and split table, or start a "
                 "new study"
             )
-    state.setdefault("uid", uuid.uuid4().hex)  # studies begun before run keys existed
 
 
 def _table_hash(table: pd.DataFrame) -> str:

@@ -28,6 +28,7 @@ from enn_neuro.data.images2d import (
     ImageLoadError,
     check_images,
     eval_transform,
+    find_images,
     random_resized_crop_box,
     scan_image_folder,
     train_transform,
@@ -582,3 +583,14 @@ def test_dataset_index_out_of_range_raises_index_error(tmp_path):
     assert dataset[-1]["subject_id"] == "a/0"
     with pytest.raises(IndexError, match="index 1 out of range for 1 images"):
         dataset[1]
+
+
+def test_find_images_lists_every_image_below_a_folder_but_hidden_ones(tmp_path):
+    for name in ["b.png", "a/c.JPEG", "a/deep/d.bmp", ".cache/e.png", "a/.f.png"]:
+        write_image(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    found = [str(p.relative_to(tmp_path)) for p in find_images(tmp_path)]
+    assert found == ["a/c.JPEG", "a/deep/d.bmp", "b.png"]
+    with pytest.raises(FileNotFoundError, match="no image files .* in .*empty"):
+        (tmp_path / "empty").mkdir()
+        find_images(tmp_path / "empty")

@@ -59,6 +59,25 @@ class TestPenalty:
         factor = torch.randn(30, 7, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(gram_deviation, (factor,))
 
+    @pytest.mark.parametrize("columns", [128, 129, 200])
+    @pytest.mark.parametrize("transposed", [False, True])
+    def test_split_gram_of_wide_factors_matches_the_definition(self, columns, transposed):
+        # from 128 columns the Gram matrix is built from two block products (even and odd
+        # widths), in either memory layout of the factor
+        torch.manual_seed(columns)
+        factor = torch.randn(columns, 300, dtype=torch.float64) if transposed else None
+        factor = factor.T if transposed else torch.randn(300, columns, dtype=torch.float64)
+        factor = (factor / 300**0.5).requires_grad_()
+        reference = factor.detach().clone().requires_grad_()
+        eye = torch.eye(columns, dtype=torch.float64)
+        expected = (reference.T @ reference - eye).square().sum()
+        value = gram_deviation(factor)
+        value.backward()
+        expected.backward()
+        assert relative_error(value, expected) < 1e-12
+        assert relative_error(factor.grad, reference.grad) < 1e-12
+        assert factor.grad.stride() == factor.stride()
+
     def test_gradient_reaches_q_and_p_but_not_lambda(self):
         model = _model()
         with torch.no_grad():

@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from enn_neuro.data.transforms import AugmentationConfig, PreprocessingConfig
+from enn_neuro.enn.penalty import DEFAULT_ORTHO_EVERY, DEFAULT_ORTHO_WEIGHT
 from enn_neuro.files import write_text_atomic
 
 __all__ = [
@@ -125,8 +126,9 @@ class TrainingConfig(_Section):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(4, ge=1)
     eval_batch_size: int | None = Field(None, ge=1)
-    ortho_weight: float = Field(2e-4, ge=0)
-    ortho_every: int = Field(1, ge=1)
+    ortho_weight: float = Field(DEFAULT_ORTHO_WEIGHT, ge=0)
+    # the penalty on one step in k with weight × k (Note [lazy penalty], enn/penalty.py)
+    ortho_every: int = Field(DEFAULT_ORTHO_EVERY, ge=1)
     retract: bool = False
     patience: int | None = Field(10, ge=1)
     selection_metric: str | None = None

@@ -18,6 +18,7 @@ from enn_neuro.enn.layers import (
     ForwardMode,
 )
 from enn_neuro.enn.penalty import (
+    DEFAULT_ORTHO_EVERY,
     DEFAULT_ORTHO_WEIGHT,
     LayerDrift,
     enn_layers,
@@ -30,6 +31,7 @@ from enn_neuro.enn.penalty import (
 )
 
 __all__ = [
+    "DEFAULT_ORTHO_EVERY",
     "DEFAULT_ORTHO_WEIGHT",
     "ENNConv1d",
     "ENNConv2d",

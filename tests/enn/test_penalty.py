@@ -290,11 +290,25 @@ class TestScheduledPenalty:
                 reference = model[0].P.grad.clone()
         assert relative_error(model[0].P.grad, reference) < 1e-6
 
+    def test_evaluates_on_the_last_step_of_each_group(self):
+        model = _model()
+        evaluated = [step for step in range(12) if scheduled_penalty(model, step, every=4)]
+        assert evaluated == [3, 7, 11]
+        assert all(scheduled_penalty(model, step, every=1) is not None for step in range(3))
+
+    def test_default_is_every_16_steps_with_weight_times_16(self):
+        model = _model()
+        with torch.no_grad():
+            model[0].Q.mul_(1.1)
+        assert scheduled_penalty(model, step=0) is None
+        term = scheduled_penalty(model, step=15)
+        assert relative_error(term, 16 * 2e-4 * orthogonality_penalty(model)) < 1e-6
+
     def test_skipped_steps_and_zero_weight_return_none(self):
         model = _model()
-        assert scheduled_penalty(model, step=3, every=4) is None
-        assert scheduled_penalty(model, step=0, weight=0.0) is None
-        assert scheduled_penalty(model, step=8, every=4) is not None
+        assert scheduled_penalty(model, step=4, every=4) is None
+        assert scheduled_penalty(model, step=0, weight=0.0, every=1) is None
+        assert scheduled_penalty(model, step=7, every=4) is not None
 
     def test_bad_schedule_is_named(self):
         with pytest.raises(

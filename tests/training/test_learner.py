@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from enn_neuro.config import validate_config
-from enn_neuro.enn import ENNLayer
+from enn_neuro.enn import ENNLayer, orthogonality_penalty
 from enn_neuro.training.learner import Learner, NonFiniteLossError
 from enn_neuro.training.loop import Predictions
 
@@ -84,3 +84,21 @@ def test_predictions_of_many_classes_keep_the_five_most_probable():
     assert table.loc[1, "top1_class"] == "c149" and table.loc[1, "prediction"] == "c149"
     probabilities = np.exp(logits[0]) / np.exp(logits[0]).sum()
     assert table.loc[0, "top2_prob"] == pytest.approx(probabilities[3])
+
+
+@pytest.mark.parametrize("mode", ["bp", "local"])
+def test_the_penalty_follows_the_configured_schedule(mode):
+    # every 3 steps with weight × 3: on the last step of each group, in bp and local mode
+    config = _config(mode, "sgd")
+    config.training.ortho_every = 3
+    learner = Learner(config, num_outputs=2, device=torch.device("cpu"))
+    images, targets = torch.randn(2, 1, 16, 16, 16), torch.tensor([0, 1])
+    trained = [learner.model] if mode == "bp" else list(learner.blocks)  # blocks hold heads
+    penalties, expected = [], []
+    for step in range(6):
+        # the term is taken before the step's update, summed over the blocks in local mode
+        expected.append(3 * 2e-4 * sum(orthogonality_penalty(m).item() for m in trained))
+        penalties.append(learner.train_step(images, targets, "fold 0, epoch 1", step).penalty)
+    assert [p > 0 for p in penalties] == [False, False, True, False, False, True]
+    for step in (2, 5):
+        assert penalties[step] == pytest.approx(expected[step], rel=1e-4)

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
+from enn_neuro.runtime import MALLOC_ENV, retain_freed_memory
+
 __all__ = ["main"]
 
 logger = logging.getLogger("enn_neuro")
@@ -31,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
+    if retain_freed_memory():  # steps reuse their memory instead of faulting it in anew
+        logger.debug("glibc's malloc keeps freed memory (%s=system to leave it)", MALLOC_ENV)
 
     from enn_neuro.config import ConfigError
     from enn_neuro.data.cohort import CohortError

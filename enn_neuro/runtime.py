@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import platform
 
 __all__ = ["MALLOC_ENV", "retain_freed_memory"]
 
@@ -48,7 +47,7 @@ def retain_freed_memory() -> bool:
     """
     if os.environ.get(MALLOC_ENV, "").lower() == "system":
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not _is_glibc():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library the process already runs on
@@ -58,5 +57,12 @@ def retain_freed_memory() -> bool:
     # mallopt returns 1 on success; -1 disables trimming (mallopt(3))
     tuned = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, -1) == 1
     if not tuned:
-        logger.warning("glibc's mallopt refused a setting; the allocator is left as it was")
+        logger.warning("glibc's mallopt refused a setting: freed memory may still be unmapped")
     return tuned
+
+
+def _is_glibc() -> bool:
+    try:  # "glibc 2.36"; musl and other C libraries do not know the name
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError):
+        return False

@@ -66,8 +66,8 @@ logger = logging.getLogger("enn_overhead")
 
 # (label, model name, spatial dims, input channels, side, batch, classes, repetitions)
 CONFIGS = [
-    ("resnet18_3d_64", "resnet18", 3, 1, 64, 2, 2, 21),
-    ("resnet50_2d_224", "resnet50", 2, 3, 224, 32, 1000, 11),
+    ("resnet18_3d_64", "resnet18", 3, 1, 64, 2, 2, 41),
+    ("resnet50_2d_224", "resnet50", 2, 3, 224, 32, 1000, 21),
 ]
 TARGETS = {"train_step_ratio": 1.05, "fused_inference_ratio": 1.01}
 
@@ -175,9 +175,10 @@ def measure(name, dims, channels, side, batch, classes, repeats, args) -> dict:
 
         return run
 
+    # an inference pass is a third of a training step: three times the repetitions
     inference = _interleaved(
         {"plain": infer(plain), "fused_enn": infer(fused), "plain_original": infer(original)},
-        repeats,
+        3 * repeats,
         args.warmup,
     )
     medians = train["median_s"]
@@ -197,6 +198,7 @@ def measure(name, dims, channels, side, batch, classes, repeats, args) -> dict:
         "fused_inference_ratio": inference["median_ratio"]["fused_enn"],
         "inference_null_ratio": inference["median_ratio"]["plain_original"],
         "inference_s": inference["median_s"],
+        "inference_ratios": {k: [round(x, 4) for x in v] for k, v in inference["ratios"].items()},
         "parameters": {layer: _count(model) for layer, model in models.items()},
         "repeats": repeats,
     }

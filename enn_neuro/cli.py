@@ -23,7 +23,7 @@ __all__ = ["main"]
 logger = logging.getLogger("enn_neuro")
 
 DEMO_SUBJECTS = 100
-DEMO_EFFECT_SIZE = 2.5  # balanced accuracy 0.94 over 5 folds; 0.84 at 1.5 (README)
+DEMO_EFFECT_SIZE = 2.5  # balanced accuracy 0.92 over 5 folds; 0.77 at 1.5 (README)
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_FAILED = 3
 

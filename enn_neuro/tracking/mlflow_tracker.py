@@ -154,6 +154,14 @@ class StudyTracker:
         """Copies a local file into the run's artifacts."""
         self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def has_model(self, run_id: str) -> bool:
+        """Whether ``run_id`` has logged a model (a resumed fold's, before a kill)."""
+        experiment_id = self.client.get_run(run_id).info.experiment_id
+        models = self.client.search_logged_models(
+            [experiment_id], filter_string=f"source_run_id = '{run_id}'", max_results=1
+        )
+        return len(models) > 0
+
     def log_model(self, run_id: str, model, example_input) -> None:
         """Logs a (fused, plain) PyTorch model with a signature inferred from one input.
 

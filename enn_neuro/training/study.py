@@ -414,7 +414,10 @@ def _run_fold(
     table = predictions.table(config.data.task, classes)
     table.to_csv(fold_dir / "predictions.csv", index=False)
     (fold_dir / "metrics.json").write_text(json.dumps(test_metrics, indent=2))
-    tracker.log_metrics(run_id, test_metrics, step=result.epochs_run)
+    # a resume after a kill between here and the fold's end finds the test metrics, and
+    # perhaps the model, in the run already: each is logged once
+    if not (resume and result.epochs_run in tracker.logged_steps(run_id, "test/loss")):
+        tracker.log_metrics(run_id, test_metrics, step=result.epochs_run)
 
     # artifacts
     figures = [
@@ -441,7 +444,7 @@ def _run_fold(
     }
     (fold_dir / "model_info.json").write_text(json.dumps(model_info, indent=2))
     tracker.log_artifact(run_id, fold_dir / "model_info.json")
-    if config.tracking.log_model:
+    if config.tracking.log_model and not (resume and tracker.has_model(run_id)):
         fused = to_plain(learner.model).cpu().eval()
         example = loaders["test"].dataset[0]["image"][None].numpy()  # (1, C, *S)
         tracker.log_model(run_id, fused, example)

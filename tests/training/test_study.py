@@ -284,6 +284,49 @@ def test_kill_9_and_resume_finishes_with_the_same_metrics(tmp_path, demo_cohort,
             assert sorted(steps) == [0, 1, 2], (key, steps)
 
 
+def test_a_kill_after_the_test_logs_the_fold_once_on_resume(
+    tmp_path, demo_cohort, cache_dir, monkeypatch
+):
+    # the kill lands after fold 0's test metrics and model are in its run, before the fold
+    # counts as finished: the resumed study tests it again and logs neither a second time
+    from enn_neuro.tracking.mlflow_tracker import StudyTracker
+
+    config = load_config(tiny_config(tmp_path, demo_cohort, cache_dir, training={"epochs": 1}))
+    end_run = StudyTracker.end_run
+
+    def killed_at_the_first_fold_end(self, run_id, status="FINISHED"):
+        if status == "FINISHED":
+            monkeypatch.setattr(StudyTracker, "end_run", end_run)
+            raise KeyboardInterrupt
+        end_run(self, run_id, status)
+
+    monkeypatch.setattr(StudyTracker, "end_run", killed_at_the_first_fold_end)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(config)
+    state = json.loads((config.study.output_dir / "tiny" / "study.json").read_text())
+    assert state["folds"]["0"]["status"] == "running" and "1" not in state["folds"]
+    killed_metrics = json.loads(
+        (config.study.output_dir / "tiny" / "fold-0" / "metrics.json").read_text()
+    )
+
+    run_study(config, resume=True)
+    client, parents, children = _runs(config.tracking.tracking_uri)
+    assert len(parents) == 1 and len(children) == 2
+    assert all(r.info.status == "FINISHED" for r in parents + children)
+    fold_run = state["folds"]["0"]["run_id"]
+    assert len(client.get_metric_history(fold_run, "test/loss")) == 1
+    experiment = client.get_run(fold_run).info.experiment_id
+    models = client.search_logged_models(
+        [experiment], filter_string=f"source_run_id = '{fold_run}'"
+    )
+    assert len(models) == 1
+    # the second test of the same model gave the same numbers as the first
+    resumed_metrics = json.loads(
+        (config.study.output_dir / "tiny" / "fold-0" / "metrics.json").read_text()
+    )
+    assert resumed_metrics == pytest.approx(killed_metrics, abs=1e-6)
+
+
 def test_a_nan_validation_score_never_counts_as_the_best(
     tmp_path, demo_cohort, cache_dir, monkeypatch
 ):

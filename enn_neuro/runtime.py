@@ -8,7 +8,9 @@ it touches again, and the kernel zeroes each page. On 2 CPU cores a plain 2D Res
 5.5–5.8 s; keeping freed memory for reuse, as the caching allocators of CUDA, jemalloc or
 tcmalloc do, removed the faults and the step took 2.8–2.9 s. A plain 3D ResNet-18 step (64³,
 batch 2) went from 0.24 s (55 000 faults) to 0.18–0.20 s. The price: the process keeps its
-peak heap until it exits. The command line (:func:`enn_neuro.cli.main`) and
+peak heap until it exits, and blocks freed out of order make that heap larger than the peak
+of live memory: 4.6 GiB against a 3.8 GiB peak for the 2D ResNet-50 above, the same (0.9
+GiB) for the 3D ResNet-18 and for the demo study. The command line (:func:`enn_neuro.cli.main`) and
 ``benchmarks/enn_overhead.py`` set this up first thing; a notebook can call
 :func:`retain_freed_memory` itself.
 

@@ -268,6 +268,7 @@ def _multiply_adds(model, inputs) -> dict:
     ``3 · (r · fan_in + out · r − out · fan_in)`` per position. The penalty costs
     ``2 · fan_in · r²`` for P and ``2 · out · r²`` for Q.
     """
+    layers = dict(enn_layers(model))
     positions = {}
     hooks = [
         layer.register_forward_hook(
@@ -275,13 +276,12 @@ def _multiply_adds(model, inputs) -> dict:
                 name, output.numel() // output.shape[1]
             )
         )
-        for name, layer in enn_layers(model)
+        for name, layer in layers.items()
     ]
     with torch.no_grad():
         model(inputs)
     for hook in hooks:
         hook.remove()
-    layers = dict(enn_layers(model))
     train = layers_extra = 0
     for name, count in positions.items():
         out, fan_in, r = layers[name].out_channels, layers[name].fan_in, layers[name].rank

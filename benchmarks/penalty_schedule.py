@@ -154,7 +154,9 @@ def _summarise(name: str, runs: list[dict]) -> dict:
     ]
     test = {}
     for metric in METRICS:
-        values = [fold[metric] for run in runs for fold in run["fold_test"] if fold[metric]]
+        values = [
+            fold[metric] for run in runs for fold in run["fold_test"] if fold[metric] is not None
+        ]
         if values:
             test[metric] = {
                 "mean": round(statistics.mean(values), 4),

@@ -292,6 +292,7 @@ def test_a_kill_after_the_test_logs_the_fold_once_on_resume(
     from enn_neuro.tracking.mlflow_tracker import StudyTracker
 
     config = load_config(tiny_config(tmp_path, demo_cohort, cache_dir, training={"epochs": 1}))
+    study_dir = config.study.output_dir / config.study.name
     end_run = StudyTracker.end_run
 
     def killed_at_the_first_fold_end(self, run_id, status="FINISHED"):
@@ -303,11 +304,9 @@ def test_a_kill_after_the_test_logs_the_fold_once_on_resume(
     monkeypatch.setattr(StudyTracker, "end_run", killed_at_the_first_fold_end)
     with pytest.raises(KeyboardInterrupt):
         run_study(config)
-    state = json.loads((config.study.output_dir / "tiny" / "study.json").read_text())
+    state = json.loads((study_dir / "study.json").read_text())
     assert state["folds"]["0"]["status"] == "running" and "1" not in state["folds"]
-    killed_metrics = json.loads(
-        (config.study.output_dir / "tiny" / "fold-0" / "metrics.json").read_text()
-    )
+    killed_metrics = json.loads((study_dir / "fold-0" / "metrics.json").read_text())
 
     run_study(config, resume=True)
     client, parents, children = _runs(config.tracking.tracking_uri)
@@ -321,9 +320,7 @@ def test_a_kill_after_the_test_logs_the_fold_once_on_resume(
     )
     assert len(models) == 1
     # the second test of the same model gave the same numbers as the first
-    resumed_metrics = json.loads(
-        (config.study.output_dir / "tiny" / "fold-0" / "metrics.json").read_text()
-    )
+    resumed_metrics = json.loads((study_dir / "fold-0" / "metrics.json").read_text())
     assert resumed_metrics == pytest.approx(killed_metrics, abs=1e-6)
 
 

@@ -141,20 +141,30 @@ def _run_variant(args: argparse.Namespace) -> None:
 def _worker(rank: int, world: int, args: argparse.Namespace, rendezvous) -> dict:
     """One process of a variant: builds the learner, runs warm-up and timed steps."""
     torch.set_num_threads(1)
-    from enn_neuro.config import validate_config
-    from enn_neuro.training.distributed import DistributedContext, init_distributed
-    from enn_neuro.training.learner import Learner
-    from enn_neuro.training.loop import train_one_epoch
-    from enn_neuro.training.pipeline import StagePipeline
+    from enn_neuro.training.distributed import distributed_session
 
-    # the process group (multi-process variants)
-    context, device = DistributedContext(), torch.device("cpu")
+    # the process group (multi-process variants), left before the process exits
     if world > 1:
         port, folder = rendezvous
         os.environ.update(
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
         )
-        context, device = init_distributed("cpu")
+    with distributed_session("cpu") as (context, device):
+        result = _measure(args, context, device)
+    if world > 1 and context.is_main:
+        (Path(rendezvous[1]) / "rank0.json").write_text(json.dumps(result))
+    return result
+
+
+def _measure(args: argparse.Namespace, context, device: torch.device) -> dict:
+    """Warm-up and timed steps of one variant on this rank; its figures."""
+    from enn_neuro.config import validate_config
+    from enn_neuro.training.distributed import DistributedContext
+    from enn_neuro.training.learner import Learner
+    from enn_neuro.training.loop import train_one_epoch
+    from enn_neuro.training.pipeline import StagePipeline
+
+    world = context.world_size
 
     # the learner: same model, optimizer and penalty in every variant
     mode = "bp" if args.variant == "ddp_bp" else "local"
@@ -200,10 +210,6 @@ def _worker(rank: int, world: int, args: argparse.Namespace, rendezvous) -> dict
             groups=pipeline.groups,
             group_cost_shares=[sum(pipeline.costs[i] for i in g) / total for g in pipeline.groups],
         )
-    if world > 1 and context.is_main:
-        (Path(rendezvous[1]) / "rank0.json").write_text(json.dumps(result))
-    if world > 1:
-        torch.distributed.destroy_process_group()  # an open gloo group can abort the exit
     return result
 
 

@@ -22,12 +22,37 @@ Note [global batch]:
     batch with fewer samples than ranks cannot be shared (a rank without a batch would
     leave the others waiting in DDP): it is left out of the epoch, with a warning, or
     refused with a ``ValueError`` when it is the whole training set.
+
+Note [leaving the group]:
+    A gloo group runs collectives on worker threads. A worker lets go of a finished
+    collective's tensors just after ``wait()`` has returned on the main thread, and where
+    Python has already dropped such a tensor, freeing it takes the GIL. During interpreter
+    shutdown, taking the GIL ends the thread by unwinding it through C++ code that must not
+    unwind, and the process aborts ("terminate called without an active exception",
+    SIGABRT) after all its work: torchrun then fails the study. Seen once in CI, and once in
+    16 three-process stage-parallel runs on a loaded machine, where the C++ stack showed a
+    gloo worker freeing a tensor after the main thread had finished.
+
+    ``destroy_process_group`` closes the window only if it drops the last reference to the
+    group: the group's destructor then waits for its workers and joins them while the
+    interpreter is whole. Two things kept the group alive past it (torch 2.13):
+
+    - ``torch._dynamo``, which ``torch.optim`` imports when the first optimizer is built,
+      keeps a reference to a default group that exists at its import, and never lets go.
+      :func:`init_distributed` therefore imports it before it creates the group.
+    - A DDP wrapper caught in a reference cycle holds the group until the garbage
+      collector runs: :func:`distributed_session` collects before it leaves the group.
+
+    ``test_a_finished_session_leaves_no_gloo_worker_to_abort_the_exit`` checks that no gloo
+    thread outlives a session that built an optimizer and a DDP model in a cycle.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
+import importlib
 import logging
 import os
 from collections.abc import Iterator
@@ -121,6 +146,7 @@ def init_distributed(
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        importlib.import_module("torch._dynamo")  # before the group: Note [leaving the group]
         # with CUDA: NCCL for GPU tensors, gloo for the CPU tensors that stage-parallel mode
         # and object collectives send
         dist.init_process_group(
@@ -138,9 +164,8 @@ def distributed_session(
     """:func:`init_distributed` for the span of a ``with`` block, leaving the group after it.
 
     A process that exits with its gloo group still open can abort while the interpreter
-    shuts down ("terminate called without an active exception": a stage-parallel benchmark
-    worker ended so once, after its work), which torchrun reports as a failed job. A group
-    that was already open before the block is left open for whoever opened it.
+    shuts down (Note [leaving the group]). A group that was already open before the block
+    is left open for whoever opened it.
     """
     opened_here = not (dist.is_available() and dist.is_initialized())
     context, device = init_distributed(device_name, timeout_s)
@@ -148,6 +173,7 @@ def distributed_session(
         yield context, device
     finally:
         if context.enabled and opened_here and dist.is_initialized():
+            gc.collect()  # DDP wrappers in cycles let go of the group (Note [leaving the group])
             dist.destroy_process_group()
 
 

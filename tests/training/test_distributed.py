@@ -332,6 +332,55 @@ def test_a_rank_that_dies_or_hangs_fails_the_job_instead_of_hanging(
         assert "error:" in output and "imed out" in output, output[-3000:]
 
 
+# what each rank of the test below runs: a session that builds an optimizer (importing
+# torch._dynamo, as torch.optim does on its first optimizer) and a DDP model inside a
+# reference cycle, runs collectives, then lists the gloo threads still alive once it has ended
+_SESSION_SCRIPT = """
+import json, os, sys
+import torch
+from enn_neuro.training.distributed import distributed_session
+
+def gloo_threads():
+    tasks = os.listdir("/proc/self/task")
+    names = (open(f"/proc/self/task/{task}/comm").read().strip() for task in tasks)
+    return sorted(name for name in names if "gloo" in name)
+
+with distributed_session("cpu") as (context, device):
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+    model.cycle = [model]
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(4, 3)).sum().backward()
+    optimizer.step()
+    context.barrier()
+    inside = gloo_threads()
+    del model, optimizer
+result = {"inside": inside, "after": gloo_threads()}
+with open(os.path.join(sys.argv[1], f"{context.rank}.json"), "w") as out:
+    json.dump(result, out)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads in /proc")
+def test_a_finished_session_leaves_no_gloo_worker_to_abort_the_exit(tmp_path):
+    # a gloo worker alive at interpreter shutdown can abort the process after its work
+    # (Note [leaving the group]); ending the session must join every one of them
+    script = tmp_path / "session.py"
+    script.write_text(_SESSION_SCRIPT)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        str(script), str(tmp_path),
+    ]  # fmt: skip
+    finished = subprocess.run(
+        command, env=_environment(), timeout=300, capture_output=True, text=True
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    for rank in (0, 1):
+        threads = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert "pt_gloo_runloop" in threads["inside"], threads  # the probe sees them
+        assert threads["after"] == [], (rank, threads)
+
+
 def _environ_of(pid: int) -> dict[str, str]:
     try:
         raw = Path(f"/proc/{pid}/environ").read_bytes()

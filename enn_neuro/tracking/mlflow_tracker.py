@@ -145,6 +145,10 @@ class StudyTracker:
         """The steps at which ``key`` was logged in ``run_id`` (a resumed run's epochs)."""
         return {metric.step for metric in self.client.get_metric_history(run_id, key)}
 
+    def latest_metrics(self, run_id: str) -> dict[str, float]:
+        """Each metric's latest value in ``run_id`` (what the MLflow UI's run table shows)."""
+        return dict(self.client.get_run(run_id).data.metrics)
+
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         """Sets tags (mode, layer type, model, cohort hash, ...)."""
         batch = [RunTag(key, str(value)) for key, value in tags.items()]

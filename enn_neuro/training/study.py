@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -331,7 +332,13 @@ def run_plan(
     for name, values in summary.items():
         for statistic in ("mean", "ci_low", "ci_high", "std"):
             study_metrics[f"study/{name.removeprefix('test/')}_{statistic}"] = values[statistic]
-    tracker.log_metrics(parent_id, study_metrics, step=0)
+    # a resume after a kill between here and the parent's end finds this summary logged and
+    # does not log it twice; a summary over more folds replaces the old one (NaNs, such as
+    # the interval of a single fold, are never logged)
+    logged = tracker.latest_metrics(parent_id) if resume else {}
+    finite = {name: value for name, value in study_metrics.items() if math.isfinite(value)}
+    if any(logged.get(name) != value for name, value in finite.items()):
+        tracker.log_metrics(parent_id, study_metrics, step=0)
     tracker.log_artifact(parent_id, study_dir / "summary.json")
     for path in _pooled_confusion_matrix(study_dir, sorted(fold_metrics)):
         tracker.log_artifact(parent_id, path)

@@ -324,6 +324,44 @@ def test_a_kill_after_the_test_logs_the_fold_once_on_resume(
     assert resumed_metrics == pytest.approx(killed_metrics, abs=1e-6)
 
 
+def test_a_kill_before_the_parent_run_ends_logs_the_summary_once_on_resume(
+    tmp_path, demo_cohort, cache_dir, monkeypatch
+):
+    # the kill lands after the study summary is in the parent run, before the run is closed:
+    # the resumed study closes it without a second copy of the summary's metrics
+    from enn_neuro.tracking.mlflow_tracker import StudyTracker
+
+    config = load_config(tiny_config(tmp_path, demo_cohort, cache_dir, training={"epochs": 1}))
+    study_dir = config.study.output_dir / config.study.name
+    end_run = StudyTracker.end_run
+
+    def killed_when_the_parent_ends(self, run_id, status="FINISHED"):
+        state = json.loads((study_dir / "study.json").read_text())
+        if status == "FINISHED" and run_id == state["parent_run_id"]:
+            monkeypatch.setattr(StudyTracker, "end_run", end_run)
+            raise KeyboardInterrupt
+        end_run(self, run_id, status)
+
+    monkeypatch.setattr(StudyTracker, "end_run", killed_when_the_parent_ends)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(config)
+    client, parents, _ = _runs(config.tracking.tracking_uri)
+    parent = parents[0].info.run_id
+    key = "study/balanced_accuracy_mean"
+    assert len(client.get_metric_history(parent, key)) == 1
+    killed_summary = json.loads((study_dir / "summary.json").read_text())
+
+    resumed = run_study(config, resume=True)
+    client, parents, children = _runs(config.tracking.tracking_uri)
+    assert [r.info.run_id for r in parents] == [parent]
+    assert all(r.info.status == "FINISHED" for r in parents + children)
+    history = client.get_metric_history(parent, key)
+    assert len(history) == 1
+    assert history[0].value == pytest.approx(killed_summary["test/balanced_accuracy"]["mean"])
+    for name, statistics in killed_summary.items():
+        assert resumed.summary[name]["mean"] == pytest.approx(statistics["mean"]), name
+
+
 def test_a_nan_validation_score_never_counts_as_the_best(
     tmp_path, demo_cohort, cache_dir, monkeypatch
 ):

@@ -748,6 +748,8 @@ def _unique_ids(paths: Sequence[Path], class_names: Sequence[str]) -> list[str]:
             make(path, name) if counts[current] > 1 else current
             for path, name, current in zip(paths, class_names, ids, strict=True)
         ]
+    if len(set(ids)) == len(ids):  # same names in several folders under one label (predict)
+        return ids
     repeated = sorted(str(p) for p, n in Counter(paths).items() if n > 1)
     raise ValueError(f"samples list these paths more than once: {', '.join(repeated[:10])}")
 

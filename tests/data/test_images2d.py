@@ -283,6 +283,16 @@ def test_dataset_rejects_bad_arguments(tmp_path):
         ImageFolderDataset([(path, 0), (path, 0)], ["a"], transform)
 
 
+def test_same_file_names_under_one_label_get_their_paths_as_ids(tmp_path):
+    # predict gives every image label 0: 0.png in two folders is then told apart by its path
+    first = write_image(tmp_path / "x" / "0.png")
+    second = write_image(tmp_path / "y" / "0.png")
+    third = write_image(tmp_path / "y" / "1.png")
+    samples = [(first, 0), (second, 0), (third, 0)]
+    dataset = ImageFolderDataset(samples, ["a"], eval_transform(4))
+    assert dataset.subject_ids == [str(first), str(second), "a/1"]
+
+
 # transforms
 
 

@@ -168,7 +168,7 @@ def _predict(args: argparse.Namespace) -> int:
     rows = "images"
     if not args.per_image and not trained.is_2d:  # a 2D image is its own subject
         frame, rows = per_subject(frame, trained), "subjects"
-    _write_csv(frame, args.out)
+    _write_predictions(frame, trained, args)
     print(f"wrote predictions for {len(frame)} {rows} to {args.out}")
     return 0
 
@@ -186,7 +186,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if trained.is_2d:
         frame, metrics = evaluate_image_folder(trained, args.cohort, batch_size=args.batch_size)
         if args.out:
-            _write_csv(frame, args.out)
+            _write_predictions(frame, trained, args)
         print(json.dumps(metrics, indent=2))
         return 0
     if not args.target:
@@ -197,7 +197,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     validate_cohort(cohort, n_folds=None).raise_if_problems()
     frame, metrics = evaluate_cohort(trained, cohort, batch_size=args.batch_size)
     if args.out:
-        _write_csv(frame, args.out)
+        _write_predictions(frame, trained, args)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -346,6 +346,15 @@ def _parser() -> argparse.ArgumentParser:
             "--batch-size", type=int, default=4, help="images per forward pass (default 4)"
         )
 
+    def all_probabilities(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--all-probabilities",
+            action="store_true",
+            help="one prob_<class> column per class however many classes; by default a model "
+            "of more than 100 classes (ImageNet) writes its top 5 classes and their "
+            "probabilities instead",
+        )
+
     predict = commands.add_parser(
         "predict",
         help="apply a trained model to NIfTI files or a cohort",
@@ -365,6 +374,7 @@ def _parser() -> argparse.ArgumentParser:
         "files or one folder (every image below it)",
     )
     predict.add_argument("--out", default="predictions.csv", help="CSV to write")
+    all_probabilities(predict)
     predict.add_argument(
         "--target",
         help="a column the cohort table must have (not used; by default none is required)",
@@ -403,6 +413,7 @@ def _parser() -> argparse.ArgumentParser:
         "--image-column", default="image", help="image path column of a cohort table"
     )
     evaluate.add_argument("--out", help="also write per-image predictions to this CSV")
+    all_probabilities(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
     ui = commands.add_parser(
@@ -473,10 +484,14 @@ def _packaged_config(name: str) -> Path:
     return Path(str(resources.files("enn_neuro") / "configs" / name))
 
 
-def _write_csv(frame, path: str) -> None:
+def _write_predictions(frame, trained, args: argparse.Namespace) -> None:
+    """Writes ``frame`` to ``--out``: beyond 100 classes, the top five unless asked for all."""
     from enn_neuro.files import write_text_atomic
+    from enn_neuro.training.inference import compact_probabilities
 
-    write_text_atomic(path, frame.to_csv(index=False))
+    if trained.task == "classification" and not args.all_probabilities:
+        frame = compact_probabilities(frame, trained.classes)
+    write_text_atomic(args.out, frame.to_csv(index=False))
 
 
 def _print_summary(summary: dict, tracking_uri: str | None) -> None:

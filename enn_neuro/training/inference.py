@@ -29,10 +29,12 @@ from enn_neuro.data.transforms import PreprocessingConfig
 from enn_neuro.enn import to_plain
 from enn_neuro.models import create_model
 from enn_neuro.training.checkpoint import load_checkpoint
+from enn_neuro.training.loop import MAX_PROBABILITY_COLUMNS, add_probability_columns
 from enn_neuro.training.metrics import classification_metrics, regression_metrics
 
 __all__ = [
     "TrainedModel",
+    "compact_probabilities",
     "evaluate_cohort",
     "evaluate_image_folder",
     "load_trained_model",
@@ -196,11 +198,24 @@ def predict_images(
         shifted = outputs - outputs.max(axis=1, keepdims=True)
         probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
         frame["prediction"] = [trained.classes[i] for i in probabilities.argmax(axis=1)]
-        for index, name in enumerate(trained.classes):
-            frame[f"prob_{name}"] = probabilities[:, index]
+        frame = add_probability_columns(frame, probabilities, trained.classes, every_class=True)
     else:
         frame["prediction"] = outputs[:, 0] * trained.target_std + trained.target_mean
     return frame
+
+
+def compact_probabilities(frame: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """``frame`` as a CSV gets it: beyond 100 classes, the top five instead of every class.
+
+    The ``prob_<class>`` columns of :func:`predict_images` and :func:`per_subject` become
+    ``top<k>_class`` and ``top<k>_prob`` (:func:`add_probability_columns`), as in a study's
+    ``predictions.csv``; with fewer classes, or no such columns, ``frame`` is unchanged.
+    """
+    columns = [f"prob_{name}" for name in classes]
+    if len(classes) <= MAX_PROBABILITY_COLUMNS or not set(columns) <= set(frame.columns):
+        return frame
+    probabilities = frame[columns].to_numpy()  # (N, num_classes)
+    return add_probability_columns(frame.drop(columns=columns), probabilities, classes)
 
 
 def per_subject(frame: pd.DataFrame, trained: TrainedModel) -> pd.DataFrame:

@@ -43,6 +43,7 @@ from enn_neuro.training.metrics import (
 
 __all__ = [
     "FitResult",
+    "add_probability_columns",
     "Predictions",
     "evaluate",
     "fit",
@@ -56,6 +57,41 @@ MAX_PROBABILITY_COLUMNS = 100  # more classes: the top TOP_K per image in predic
 TOP_K = 5
 
 CHECKPOINT_FORMAT = 1
+
+
+def add_probability_columns(
+    frame: pd.DataFrame,
+    probabilities: np.ndarray,
+    classes: Sequence[str],
+    every_class: bool = False,
+) -> pd.DataFrame:
+    """``frame`` with ``prob_<class>`` columns, or the top classes beyond 100 classes.
+
+    Beyond :data:`MAX_PROBABILITY_COLUMNS` classes (ImageNet's 1000), the :data:`TOP_K` most
+    probable classes and their probabilities (``top1_class``, ``top1_prob``, ...) replace
+    the column per class, which would make 50 000 images a gigabyte of CSV.
+
+    Args:
+        frame: One row per image.
+        probabilities: ``(N, num_classes)``, rows in ``frame``'s order.
+        classes: Class names, in the columns' order.
+        every_class: One column per class however many there are.
+
+    Returns:
+        A new frame: ``frame``'s columns, then the probability columns.
+    """
+    if every_class or len(classes) <= MAX_PROBABILITY_COLUMNS:
+        columns = {f"prob_{name}": probabilities[:, i] for i, name in enumerate(classes)}
+    else:
+        ranked = np.argsort(-probabilities, axis=1, kind="stable")[:, :TOP_K]  # (N, k)
+        rows = np.arange(len(ranked))
+        columns = {}
+        for rank in range(ranked.shape[1]):
+            chosen = ranked[:, rank]  # (N,)
+            columns[f"top{rank + 1}_class"] = [classes[i] for i in chosen]
+            columns[f"top{rank + 1}_prob"] = probabilities[rows, chosen]
+    # one concatenation: a thousand single-column inserts would fragment the frame
+    return pd.concat([frame, pd.DataFrame(columns, index=frame.index)], axis=1)
 
 
 @dataclass
@@ -82,9 +118,8 @@ class Predictions:
     def table(self, task: str, classes: Sequence[str]) -> pd.DataFrame:
         """One row per image: ids, target, prediction and class probabilities.
 
-        Beyond :data:`MAX_PROBABILITY_COLUMNS` classes (ImageNet's 1000), the five most
-        probable classes and their probabilities replace the one column per class, which
-        would make 50 000 test images a gigabyte of CSV.
+        The probabilities as :func:`add_probability_columns` writes them: the top five
+        classes beyond :data:`MAX_PROBABILITY_COLUMNS` classes.
         """
         frame = pd.DataFrame(
             {
@@ -99,17 +134,8 @@ class Predictions:
             probabilities = _softmax(final)
             frame["prediction"] = [classes[i] for i in probabilities.argmax(axis=1)]
             frame["target"] = [classes[int(i)] for i in self.targets]
-            if len(classes) <= MAX_PROBABILITY_COLUMNS:
-                for index, name in enumerate(classes):
-                    frame[f"prob_{name}"] = probabilities[:, index]
-                return frame
-            ranked = np.argsort(-probabilities, axis=1, kind="stable")[:, :TOP_K]  # (N, k)
-            for rank in range(ranked.shape[1]):
-                chosen = ranked[:, rank]
-                frame[f"top{rank + 1}_class"] = [classes[i] for i in chosen]
-                frame[f"top{rank + 1}_prob"] = probabilities[np.arange(len(chosen)), chosen]
-        else:
-            frame["prediction"] = final[:, 0]
+            return add_probability_columns(frame, probabilities, classes)
+        frame["prediction"] = final[:, 0]
         return frame
 
 

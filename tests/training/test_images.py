@@ -242,6 +242,55 @@ def test_predict_and_evaluate_serve_a_2d_model(tmp_path, digits_root):
     assert "class folders ['zebra'] are not classes of the model" in finished.stderr
 
 
+@pytest.mark.slow
+def test_predict_and_evaluate_write_the_top_five_of_many_classes(tmp_path):
+    # beyond 100 classes the CSVs hold the five most probable classes, as the study's
+    # predictions.csv does; --all-probabilities keeps one column per class
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    classes = [f"k{i:03d}" for i in range(101)]
+    root = tmp_path / "many"
+    for split, count in (("train", 3), ("val", 1)):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+    config = _config(tmp_path, root, "many", epochs=1, batch_size=128)
+    config.data.image_size = config.data.resize_size = 16
+    config.model.base_width = 4
+    config.data.val_fraction = 0.34  # one of each class's three training images
+    checkpoint = run_study(config).study_dir / "fold-0" / "best.pt"
+
+    tops = [f"top{k}_{what}" for k in range(1, 6) for what in ("class", "prob")]
+    written = {}
+    for command in ("predict", "evaluate"):
+        for every in (False, True):
+            out = tmp_path / f"{command}-{every}.csv"
+            extra = ["--all-probabilities"] if every else []
+            finished = _cli(command, "--checkpoint", str(checkpoint), str(root / "val"),
+                            "--out", str(out), *extra)  # fmt: skip
+            assert finished.returncode == 0, finished.stderr
+            written[command, every] = pd.read_csv(out)
+
+    for command in ("predict", "evaluate"):
+        top, every = written[command, False], written[command, True]
+        assert len(top) == len(every) == 101
+        assert set(tops) <= set(top.columns)
+        assert not any(c.startswith("prob_") for c in top.columns)
+        probabilities = every[[f"prob_{c}" for c in classes]].to_numpy()  # (101, 101)
+        assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+        # the top classes are those of the full table, most probable first
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :5]
+        for k in range(5):
+            assert list(top[f"top{k + 1}_class"]) == [classes[i] for i in order[:, k]]
+            expected = probabilities[np.arange(101), order[:, k]]
+            assert np.allclose(top[f"top{k + 1}_prob"], expected, atol=1e-6)
+        assert list(top["prediction"]) == list(top["top1_class"])
+
+
 def _cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "enn_neuro", *args], capture_output=True, text=True, timeout=600

@@ -29,6 +29,7 @@ import yaml
 from _report import emit  # benchmarks/_report.py, beside this script
 
 from enn_neuro.config import load_config
+from enn_neuro.enn import DEFAULT_ORTHO_EVERY
 from enn_neuro.training.study import run_study
 
 logger = logging.getLogger("small_images_enn_vs_plain")
@@ -46,6 +47,19 @@ def main() -> None:
     parser.add_argument("--base-width", type=int, default=16)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--data", choices=["auto", "fashion_mnist", "digits"], default="auto")
+    parser.add_argument(
+        "--ortho-every",
+        type=int,
+        default=DEFAULT_ORTHO_EVERY,
+        help="training.ortho_every of the ENN runs (the penalty on one step in k)",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=[f"{layer}_{mode}" for layer, mode in VARIANTS],
+        default=[f"{layer}_{mode}" for layer, mode in VARIANTS],
+        help="which of the four to run (default all)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("enn_neuro", "mlflow", "alembic"):
@@ -54,12 +68,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         workdir = Path(folder)
         dataset = _write_data(workdir / "data", args)
-        accuracies: dict[str, list[float]] = {f"{layer}_{mode}": [] for layer, mode in VARIANTS}
+        variants = [(layer, mode) for layer, mode in VARIANTS if f"{layer}_{mode}" in args.variants]
+        accuracies: dict[str, list[float]] = {f"{layer}_{mode}": [] for layer, mode in variants}
         seconds: dict[str, list[float]] = {key: [] for key in accuracies}
 
         # seeds outermost, variants interleaved: machine noise hits every variant alike
         for seed in args.seeds:
-            for layer, mode in VARIANTS:
+            for layer, mode in variants:
                 key = f"{layer}_{mode}"
                 config = _config(workdir, dataset, layer, mode, seed, args)
                 start = time.perf_counter()
@@ -87,6 +102,7 @@ def main() -> None:
                 "optimizer": "adamw lr 2e-3, cosine, 1 warm-up epoch",
                 "label_smoothing": 0.1,
                 "selection": "held-out 10% of the training images, top-1 accuracy",
+                "ortho_every": args.ortho_every,
                 "seeds": args.seeds,
             },
             "torch": torch.__version__,
@@ -141,6 +157,7 @@ def _config(workdir: Path, dataset: dict, layer: str, mode: str, seed: int, args
             "epochs": args.epochs,
             "batch_size": args.batch,
             "label_smoothing": 0.1,
+            "ortho_every": args.ortho_every,
             "patience": None,
             "selection_metric": "accuracy",
         },

@@ -284,24 +284,29 @@ def test_kill_9_and_resume_finishes_with_the_same_metrics(tmp_path, demo_cohort,
             assert sorted(steps) == [0, 1, 2], (key, steps)
 
 
+def _kill_once_when_a_run_ends(monkeypatch, chosen) -> None:
+    """A kill (KeyboardInterrupt) where the first run that ``chosen`` picks would finish."""
+    from enn_neuro.tracking.mlflow_tracker import StudyTracker
+
+    end_run = StudyTracker.end_run
+
+    def killed(self, run_id, status="FINISHED"):
+        if status == "FINISHED" and chosen(run_id):
+            monkeypatch.setattr(StudyTracker, "end_run", end_run)
+            raise KeyboardInterrupt
+        end_run(self, run_id, status)
+
+    monkeypatch.setattr(StudyTracker, "end_run", killed)
+
+
 def test_a_kill_after_the_test_logs_the_fold_once_on_resume(
     tmp_path, demo_cohort, cache_dir, monkeypatch
 ):
     # the kill lands after fold 0's test metrics and model are in its run, before the fold
     # counts as finished: the resumed study tests it again and logs neither a second time
-    from enn_neuro.tracking.mlflow_tracker import StudyTracker
-
     config = load_config(tiny_config(tmp_path, demo_cohort, cache_dir, training={"epochs": 1}))
     study_dir = config.study.output_dir / config.study.name
-    end_run = StudyTracker.end_run
-
-    def killed_at_the_first_fold_end(self, run_id, status="FINISHED"):
-        if status == "FINISHED":
-            monkeypatch.setattr(StudyTracker, "end_run", end_run)
-            raise KeyboardInterrupt
-        end_run(self, run_id, status)
-
-    monkeypatch.setattr(StudyTracker, "end_run", killed_at_the_first_fold_end)
+    _kill_once_when_a_run_ends(monkeypatch, lambda run_id: True)  # the first: fold 0's
     with pytest.raises(KeyboardInterrupt):
         run_study(config)
     state = json.loads((study_dir / "study.json").read_text())
@@ -329,20 +334,13 @@ def test_a_kill_before_the_parent_run_ends_logs_the_summary_once_on_resume(
 ):
     # the kill lands after the study summary is in the parent run, before the run is closed:
     # the resumed study closes it without a second copy of the summary's metrics
-    from enn_neuro.tracking.mlflow_tracker import StudyTracker
-
     config = load_config(tiny_config(tmp_path, demo_cohort, cache_dir, training={"epochs": 1}))
     study_dir = config.study.output_dir / config.study.name
-    end_run = StudyTracker.end_run
 
-    def killed_when_the_parent_ends(self, run_id, status="FINISHED"):
-        state = json.loads((study_dir / "study.json").read_text())
-        if status == "FINISHED" and run_id == state["parent_run_id"]:
-            monkeypatch.setattr(StudyTracker, "end_run", end_run)
-            raise KeyboardInterrupt
-        end_run(self, run_id, status)
+    def is_parent(run_id):
+        return run_id == json.loads((study_dir / "study.json").read_text())["parent_run_id"]
 
-    monkeypatch.setattr(StudyTracker, "end_run", killed_when_the_parent_ends)
+    _kill_once_when_a_run_ends(monkeypatch, is_parent)
     with pytest.raises(KeyboardInterrupt):
         run_study(config)
     client, parents, _ = _runs(config.tracking.tracking_uri)

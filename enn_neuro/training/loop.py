@@ -524,9 +524,10 @@ def evaluate(
 def _subject_metrics(predictions: Predictions, outputs: np.ndarray, task: str, classes) -> dict:
     frame = pd.DataFrame({"subject_id": predictions.subject_ids, "target": predictions.targets})
     if task == "classification":
-        probabilities = _softmax(outputs)
+        probabilities = _softmax(outputs)  # (N, num_classes)
         columns = [f"p{i}" for i in range(probabilities.shape[1])]
-        frame[columns] = probabilities
+        # joined at once: a column at a time fragments the frame for ImageNet's 1000 classes
+        frame = pd.concat([frame, pd.DataFrame(probabilities, columns=columns)], axis=1)
         by_subject = frame.groupby("subject_id", sort=False).mean()
         return classification_metrics(
             by_subject["target"].round().astype(int), by_subject[columns].to_numpy(), classes

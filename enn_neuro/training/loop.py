@@ -238,7 +238,10 @@ def fit(
             )
             train_stats = pipeline.collect(train_stats)
         learning_rate = learner.learning_rate
-        learner.end_epoch()
+        if pipeline is None:
+            learner.end_epoch()
+        else:
+            pipeline.end_epoch()
         state["epoch"] = epoch + 1
         if pipeline is not None and not main:
             state = context.broadcast(None)  # rank 0 validates and decides

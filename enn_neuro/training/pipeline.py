@@ -32,6 +32,7 @@ import copy
 import logging
 import statistics
 import time
+import warnings
 from collections import deque
 from collections.abc import Sequence
 
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 _HEADER_SIZE = 6  # batch, channels, and up to 3 spatial sizes, plus a spare
 _SENDS_IN_FLIGHT = 2  # see Note [sends in flight]
+# what torch says when a schedule advances before its optimizer ever stepped in this process
+_SCHEDULE_BEFORE_STEP = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
 
 
 def balanced_groups(costs: Sequence[float], parts: int) -> list[list[int]]:
@@ -234,6 +237,19 @@ class StagePipeline:
         )
         merged_stats["train/epoch_s"] = max(p["stats"]["train/epoch_s"] for p in gathered)
         return merged_stats
+
+    def end_epoch(self) -> None:
+        """Advances every block's learning-rate schedule, this stage's and the others'.
+
+        A rank steps only its own blocks' optimizers but advances every schedule, so that the
+        learning rates on every rank, and the schedules rank 0 checkpoints, are those of
+        sequential local mode. torch warns, on the first epoch, about each schedule whose
+        optimizer this process never stepped, and that the schedule's first value is
+        skipped; it is not, so the warning would only mislead, and it is silenced here.
+        """
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", _SCHEDULE_BEFORE_STEP, UserWarning)
+            self.learner.end_epoch()
 
 
 def _prefixes_of(learner: Learner, blocks: Sequence[int]) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+import warnings
 
 import pytest
 import torch
@@ -157,6 +158,13 @@ def _two_stage_epoch(context, steps: int, delay_s: float) -> dict:
     record["global_step"] = global_step
     record["mine"] = pipeline.mine
     record["optimizers"] = [_on_cpu(o.state_dict()) for o in learner.optimizers]
+
+    # the epoch's end: every schedule advances, also those of the other stage's blocks
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipeline.end_epoch()
+    record["end_epoch_warnings"] = [str(w.message) for w in caught]
+    record["learning_rates"] = [o.param_groups[0]["lr"] for o in learner.optimizers]
     return record
 
 
@@ -195,6 +203,18 @@ def test_a_stage_runs_at_most_two_batches_ahead_and_gathers_cpu_state():
     assert len(last["prepared"]) == steps and len(set(last["prepared"])) == 1
     assert last["prepared"][0][0] == 2
 
+    # every rank advanced every block's schedule as sequential local mode does, without
+    # torch's warning about the optimizers that another rank steps
+    sequential = Learner(_stage_config(), num_outputs=2, device=torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it took no step
+        sequential.end_epoch()
+    expected = [o.param_groups[0]["lr"] for o in sequential.optimizers]
+    assert expected[0] < _stage_config().optim.lr  # the cosine schedule moved
+    for rank in (first, last):
+        assert rank["end_epoch_warnings"] == []
+        assert rank["learning_rates"] == pytest.approx(expected, rel=1e-12)
+
     # the gathered optimizer states travel on the CPU and arrive in rank 0's optimizers
     assert last["payload_devices"] == {"cpu"}
     for index in last["mine"]:
@@ -224,6 +244,7 @@ def test_stage_parallel_equals_sequential_local_mode(tmp_path, demo_cohort, cach
             command, env=_environment(), timeout=900, capture_output=True, text=True
         )
         assert finished.returncode == 0, finished.stderr[-3000:]
+        assert "lr_scheduler.step()" not in finished.stderr  # every schedule, no warning
         studies[label] = folder / "runs" / "pipe"
 
     # every block sees the same inputs in the same order: the same training, to float precision

@@ -92,8 +92,9 @@ def test_linear_starts_orthonormal_and_matches_f_linear(in_features, out_feature
     assert (layer.Q.T @ layer.Q - eye).norm() < 1e-5
     assert (layer.P.T @ layer.P - eye).norm() < 1e-5
     x = torch.randn(batch, in_features)
-    actual, expected = layer(x), F.linear(x, layer.weight, layer.bias)
-    # error relative to the size of the summed terms, not of the sum: one output can cancel
-    # (0.0793 from 32 terms of order 1 differed by 2.7e-5 relative, in float32 rounding)
-    scale = (x.abs() @ layer.weight.abs().T).norm()  # (batch, out) magnitudes, summed
+    with torch.no_grad():
+        actual, expected = layer(x), F.linear(x, layer.weight, layer.bias)
+        # error relative to the size of the summed terms, not of the sum: one output can
+        # cancel (0.0793 from 32 terms of order 1 differed by 2.7e-5 relative, in float32)
+        scale = (x.abs() @ layer.weight.abs().T).norm()  # (batch, out) magnitudes, summed
     assert float((actual - expected).norm() / scale) < 1e-5

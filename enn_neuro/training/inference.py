@@ -29,7 +29,7 @@ from enn_neuro.data.transforms import PreprocessingConfig
 from enn_neuro.enn import to_plain
 from enn_neuro.models import create_model
 from enn_neuro.training.checkpoint import load_checkpoint
-from enn_neuro.training.loop import MAX_PROBABILITY_COLUMNS, add_probability_columns
+from enn_neuro.training.loop import MAX_PROBABILITY_COLUMNS, add_probability_columns, softmax
 from enn_neuro.training.metrics import classification_metrics, regression_metrics
 
 __all__ = [
@@ -195,8 +195,7 @@ def predict_images(
     sessions = [s or "" for s in session_ids]
     frame = pd.DataFrame({"subject_id": list(subject_ids), "session_id": sessions, "image": images})
     if trained.task == "classification":
-        shifted = outputs - outputs.max(axis=1, keepdims=True)
-        probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+        probabilities = softmax(outputs)  # (N, num_classes)
         frame["prediction"] = [trained.classes[i] for i in probabilities.argmax(axis=1)]
         frame = add_probability_columns(frame, probabilities, trained.classes, every_class=True)
     else:

@@ -49,6 +49,7 @@ __all__ = [
     "fit",
     "predict_loader",
     "seed_everything",
+    "softmax",
 ]
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class Predictions:
         )
         final = self.outputs[-1]
         if task == "classification":
-            probabilities = _softmax(final)
+            probabilities = softmax(final)
             frame["prediction"] = [classes[i] for i in probabilities.argmax(axis=1)]
             frame["target"] = [classes[int(i)] for i in self.targets]
             return add_probability_columns(frame, probabilities, classes)
@@ -527,7 +528,7 @@ def evaluate(
 def _subject_metrics(predictions: Predictions, outputs: np.ndarray, task: str, classes) -> dict:
     frame = pd.DataFrame({"subject_id": predictions.subject_ids, "target": predictions.targets})
     if task == "classification":
-        probabilities = _softmax(outputs)  # (N, num_classes)
+        probabilities = softmax(outputs)  # (N, num_classes)
         columns = [f"p{i}" for i in range(probabilities.shape[1])]
         # joined at once: a column at a time fragments the frame for ImageNet's 1000 classes
         frame = pd.concat([frame, pd.DataFrame(probabilities, columns=columns)], axis=1)
@@ -540,7 +541,8 @@ def _subject_metrics(predictions: Predictions, outputs: np.ndarray, task: str, c
     return regression_metrics(by_subject["target"], by_subject["prediction"])
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities of ``(N, num_classes)`` logits, row by row (numerically stable)."""
     shifted = logits - logits.max(axis=1, keepdims=True)
     exponentials = np.exp(shifted)
     return exponentials / exponentials.sum(axis=1, keepdims=True)
